@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine: `make chat` (the main job) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: chat test venv bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch==2.13.0 is pinned in pyproject.toml: the CPU build, installed from the machine's local wheel
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+chat: $(STAMP)
+	$(BIN)/llmlab pull smollm2
+	$(BIN)/llmlab chat
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/decode.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

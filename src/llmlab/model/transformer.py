@@ -1,0 +1,275 @@
+"""The one decoder-only transformer behind every llmlab stage (Llama/Mistral/Qwen2, GPT-2 and Mixtral-style MoE).
+
+Parameter names follow Hugging Face's Llama layout (model.layers.N.self_attn.q_proj, ...), so a Llama-family
+checkpoint loads by name alone; GPT-2 and Mixtral files are renamed in llmlab.checkpoint.hf.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmlab.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 whatever the compute dtype: bf16 mean-of-squares loses too much
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.dim, cfg.norm_eps)
+    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Rotation frequency per pair of head dimensions, with linear or Llama-3 scaling applied."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # long wavelengths are slowed by `factor`, short ones kept, the band between interpolated
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        between = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(between, smoothed, inv_freq)
+    return inv_freq
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, hd); cos/sin: (B, 1, T, hd). Half-split pairing, as in the HF Llama weights.
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: one tensor (layers, 2, batch, kv_heads, max_len, head_dim).
+
+    Each row of the batch has its own positions, so rows of different lengths (ragged prompts, continuous
+    batching) share one cache; attention masks out slots a row has not written. The shape never changes
+    while decoding, which is what torch.compile needs.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
+        self.max_len = max_len
+        self.kv = torch.zeros(cfg.n_layers, 2, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim,
+                              dtype=dtype, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv.shape[2]
+
+    def update(self, layer: int, k, v, input_pos):
+        """Write k, v (B, kv_heads, T, hd) at input_pos (B, T); return the layer's whole cache."""
+        index = input_pos[:, None, :, None].expand_as(k)
+        cache_k, cache_v = self.kv[layer, 0], self.kv[layer, 1]
+        cache_k.scatter_(2, index, k.to(cache_k.dtype))
+        cache_v.scatter_(2, index, v.to(cache_v.dtype))
+        return cache_k, cache_v
+
+    def reorder(self, rows: torch.Tensor):
+        """Keep (and duplicate) batch rows, e.g. to follow the surviving beams."""
+        self.kv = self.kv.index_select(2, rows)
+
+    def copy_row(self, dst: int, src: "KVCache", src_row: int = 0, length: int | None = None):
+        """Copy one row of another cache (e.g. a prefilled prompt) into row dst of this one."""
+        n = src.max_len if length is None else length
+        self.kv[:, :, dst, :, :n] = src.kv[:, :, src_row, :, :n]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+
+    def forward(self, x, rope, mask, kv_cache, input_pos):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v, input_pos)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.n_kv_heads != self.n_heads:  # grouped-query: each kv head serves n_heads // n_kv_heads queries
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class MoE(nn.Module):
+    """Top-k routed experts. k=1 with moe_normalize_topk=False is the Switch layer.
+
+    With a capacity factor, each expert takes at most ceil(factor * tokens * k / experts) assignments, first
+    come first served in token order; an overflowing token gets nothing from that expert, so when all its
+    experts overflow it passes through the residual connection unchanged.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.n_experts_per_token
+        self.normalize_topk, self.capacity_factor = cfg.moe_normalize_topk, cfg.moe_capacity_factor
+        self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.n_experts))
+        self.aux_loss = torch.zeros(())
+        self.dropped_fraction = 0.0
+
+    def forward(self, x):
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        n_tokens = flat.shape[0]
+        probs = F.softmax(self.router(flat), dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
+        if self.normalize_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        assigned = F.one_hot(chosen, self.n_experts)  # (N, k, E)
+        keep = torch.ones_like(chosen, dtype=torch.bool)
+        if self.capacity_factor > 0:
+            capacity = math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
+            # queue position of each assignment in its expert, counting earlier tokens (and slots) first
+            order = assigned.reshape(-1, self.n_experts).cumsum(0).reshape_as(assigned)
+            position = (order * assigned).sum(-1) - 1  # (N, k)
+            keep = position < capacity
+        self.dropped_fraction = 1.0 - keep.float().mean().item() if self.capacity_factor > 0 else 0.0
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where((chosen == e) & keep)
+            if token.numel() == 0:
+                continue
+            out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        # Switch Transformer load-balancing loss: E * sum_e (fraction of assignments to e) * (mean prob of e)
+        fraction = assigned.float().mean(dim=(0, 1))
+        self.aux_loss = self.n_experts * (fraction * probs.mean(0)).sum()
+        return out.view(B, T, D)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = make_norm(cfg)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = make_norm(cfg)
+        self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg)
+
+    def forward(self, x, rope, mask, kv_cache, input_pos):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv_cache, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.dim),
+            layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers)),
+            norm=make_norm(cfg),
+        ))
+        if cfg.pos_embedding == "learned":
+            self.model["embed_positions"] = nn.Embedding(cfg.max_seq_len, cfg.dim)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def init_weights(self, seed: int | None = None):
+        """GPT-2 initialisation for training from scratch: N(0, 0.02), residual outputs scaled by depth."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(p, std=0.02)
+        return self
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE load-balancing losses of the last forward pass (0 for a dense model)."""
+        losses = [b.mlp.aux_loss for b in self.model.layers if isinstance(b.mlp, MoE)]
+        return sum(losses) if losses else torch.zeros(())
+
+    def forward(self, idx, input_pos=None, kv_cache: KVCache | None = None, last_only: bool = False):
+        """Logits (B, T, vocab) for token ids idx (B, T).
+
+        Without a cache the attention is causal over idx; right padding is therefore harmless. With a
+        cache, input_pos (B, T) says where each token sits: keys and values are written there and each
+        query sees the cache slots up to its own position.
+        """
+        B, T = idx.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=idx.device).expand(B, T)
+        x = self.model.embed_tokens(idx)
+        if self.config.pos_embedding == "learned":
+            x = x + self.model.embed_positions(input_pos)
+            rope = None
+        else:
+            freqs = input_pos[..., None].float() * self.inv_freq  # (B, T, hd/2)
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+            rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+        mask = None
+        if kv_cache is not None:
+            slots = torch.arange(kv_cache.max_len, device=idx.device)
+            mask = (slots[None, None, :] <= input_pos[:, :, None])[:, None]  # (B, 1, T, max_len)
+        for block in self.model.layers:
+            x = block(x, rope, mask, kv_cache, input_pos)
+        x = self.model.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)
+
+    def new_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len, dtype=dtype or p.dtype, device=p.device)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
