@@ -285,3 +285,19 @@ def test_smollm2_weights_equal_transformers(smol_pair):
     ours = model.state_dict()
     for name, w in hf.state_dict().items():
         assert torch.equal(ours[name], w), name
+
+
+@pytest.mark.parametrize("question", [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers and explain why they are prime.",
+])
+def test_smollm2_greedy_tokens_match_transformers(smol_pair, question):
+    from llmlab.engine import Engine, SamplingParams
+
+    (model, tok, _), hf = smol_pair
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": question}]))
+    ours = Engine(model, tok).generate([ids], SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True))[0]
+    theirs = hf.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                         pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
+    assert ours.token_ids == theirs

@@ -22,6 +22,8 @@ def load_checkpoint(name_or_path: str | Path = DEFAULT_MODEL, dtype=None):
     if Path(name_or_path).suffix in PICKLE_SUFFIXES and Path(name_or_path).is_file():
         refuse_pickle(Path(name_or_path))
     path = resolve(name_or_path)
+    if path.is_dir() and not (path / "config.json").exists() and (path / "model" / "config.json").is_file():
+        path = path / "model"  # a run directory (e.g. of `llmlab speedrun`): its model
     if path.suffix == ".gguf":
         from llmlab.checkpoint.gguf import load_gguf
         model, tokenizer, _ = load_gguf(path, dtype=parse_dtype(dtype))

@@ -22,6 +22,7 @@ from llmlab.errors import LLMLabError
 CACHE_ROUNDING = 64  # eager: cache lengths are rounded up to this
 COMPILED_MIN_CACHE = 512  # compiled: cache lengths are powers of two from this, so few shapes get compiled
 COMPILE_MAX_AUTOTUNE = True
+GEMM_BACKENDS = "CPP,ATEN"
 
 
 @dataclass
@@ -303,4 +304,5 @@ def compile_decode_step(model):
         return model(tokens, input_pos=input_pos, kv_cache=cache)[:, -1].float()
 
     return torch.compile(step, fullgraph=True, dynamic=False,
-                         options={"freezing": True, "max_autotune": COMPILE_MAX_AUTOTUNE})
+                         options={"freezing": True, "max_autotune": COMPILE_MAX_AUTOTUNE,
+                                  "max_autotune_gemm_backends": GEMM_BACKENDS if COMPILE_MAX_AUTOTUNE else "ATEN"})

@@ -66,38 +66,42 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: one tensor (layers, 2, batch, kv_heads, max_len, head_dim).
+    """Preallocated keys and values: per layer, two tensors (batch, kv_heads, max_len, head_dim).
 
     Each row of the batch has its own positions, so rows of different lengths (ragged prompts, continuous
-    batching) share one cache; attention masks out slots a row has not written. The shape never changes
-    while decoding, which is what torch.compile needs.
+    batching) share one cache; attention masks out slots a row has not written. The shapes never change
+    while decoding, which is what torch.compile needs; and each layer's tensors are separate (not views of
+    one big tensor) because a compiled in-place write into a view copies the whole base tensor.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
         self.max_len = max_len
-        self.kv = torch.zeros(cfg.n_layers, 2, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim,
-                              dtype=dtype, device=device)
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
 
     @property
     def batch_size(self) -> int:
-        return self.kv.shape[2]
+        return self.k[0].shape[0]
 
     def update(self, layer: int, k, v, input_pos):
         """Write k, v (B, kv_heads, T, hd) at input_pos (B, T); return the layer's whole cache."""
         index = input_pos[:, None, :, None].expand_as(k)
-        cache_k, cache_v = self.kv[layer, 0], self.kv[layer, 1]
+        cache_k, cache_v = self.k[layer], self.v[layer]
         cache_k.scatter_(2, index, k.to(cache_k.dtype))
         cache_v.scatter_(2, index, v.to(cache_v.dtype))
         return cache_k, cache_v
 
     def reorder(self, rows: torch.Tensor):
         """Keep (and duplicate) batch rows, e.g. to follow the surviving beams."""
-        self.kv = self.kv.index_select(2, rows)
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]
 
     def copy_row(self, dst: int, src: "KVCache", src_row: int = 0, length: int | None = None):
         """Copy one row of another cache (e.g. a prefilled prompt) into row dst of this one."""
         n = src.max_len if length is None else length
-        self.kv[:, :, dst, :, :n] = src.kv[:, :, src_row, :, :n]
+        for mine, theirs in zip(self.k + self.v, src.k + src.v):
+            mine[dst, :, :n] = theirs[src_row, :, :n]
 
 
 class Attention(nn.Module):
@@ -119,10 +123,9 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v, input_pos)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if self.n_kv_heads != self.n_heads:  # grouped-query: each kv head serves n_heads // n_kv_heads queries
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        # grouped-query: each kv head serves n_heads // n_kv_heads query heads, without copying it that often
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

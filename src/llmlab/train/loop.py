@@ -234,24 +234,7 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, resume: bool
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
             set_lr(optimizer, lr)
-            loss_sum, tokens, metric_sums = 0.0, 0, {}
-            for micro in range(cfg.grad_accum):
-                batch = next(objective.batches)
-                # DDP: all-reduce gradients only after the last micro-batch
-                sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    with autocast(cfg, d.device):
-                        loss, metrics = objective.loss_fn(forward_model, batch)
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += loss.item()
-                tokens += objective.count_tokens(batch)
-                for k, v in metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
-            grad_norm = None
-            if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_sum, tokens, metric_sums, grad_norm = train_step(model, forward_model, objective, optimizer, cfg)
             step += 1
 
             loss_avg = D.mean(loss_sum / cfg.grad_accum, d)
@@ -288,7 +271,42 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, resume: bool
     if d.is_main and log.path.exists():
         from llmlab.train.plots import plot_metrics
         plot_metrics(log.path, out / "loss.png")
+    if cfg.fsdp and d.enabled:
+        # the sharded module's parameters are DTensors: gather them (a collective) into a plain model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        raw = type(raw)(raw.config)
+        if d.is_main:
+            raw.load_state_dict(full)
     return Result(step=step, interrupted=interrupted, model=raw)
+
+
+def train_step(model, forward_model, objective: Objective, optimizer, cfg: TrainConfig):
+    """One optimizer step: grad_accum micro-batches forward and backward, clip, AdamW. Returns the summed
+    micro-batch losses, tokens seen, summed metrics and the gradient norm before clipping (None: no clipping).
+
+    `model` is what owns the parameters (possibly DDP-wrapped); `forward_model` is what to call (possibly
+    torch.compile'd)."""
+    device = next(model.parameters()).device
+    loss_sum, tokens, metric_sums = 0.0, 0, {}
+    for micro in range(cfg.grad_accum):
+        batch = next(objective.batches)
+        # DDP: all-reduce gradients only after the last micro-batch
+        sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with autocast(cfg, device):
+                loss, metrics = objective.loss_fn(forward_model, batch)
+            (loss / cfg.grad_accum).backward()
+        loss_sum += loss.item()
+        tokens += objective.count_tokens(batch)
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+    grad_norm = None
+    if cfg.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, tokens, metric_sums, grad_norm
 
 
 def _in_main_thread() -> bool:

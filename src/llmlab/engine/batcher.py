@@ -1,0 +1,365 @@
+"""Continuous batching: one loop decodes for every request at once; requests join and leave between steps.
+
+The batcher owns one KV cache of `max_batch` rows. A waiting request is prefilled alone (exact length, no
+padding) and copied into free rows (n rows for n completions); then every step feeds one token per busy row
+through `engine.decode_step`, samples each row with its own parameters and random stream, and hands the new
+text to the request's sink. A row whose sequence finishes, is cancelled or times out is free for the next
+request at the next step, so a short answer never waits for a long one.
+
+Everything that runs the model runs in the one loop thread; other threads (the web server's) talk to it
+only through `submit`, `cancel` and `call`, which are thread-safe.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from llmlab.engine.detokenize import IncrementalText
+from llmlab.engine.sampling import SamplingParams, new_generator, sample_next
+from llmlab.errors import LLMLabError
+
+VIEW_ROUNDING = 64  # each step attends over the cache only up to the longest busy row, rounded up to this
+PREFIX_MIN_TOKENS = 32  # shorter shared prefixes are not worth a lookup
+PREFIX_CACHE_ENTRIES = 4  # prefilled prompts kept for prefix reuse (a few MB each for a small model)
+
+
+@dataclass
+class TokenInfo:
+    """One generated token, for logprobs in responses."""
+    id: int
+    logprob: float | None = None
+    top: dict[int, float] | None = None
+
+
+@dataclass
+class Sequence:
+    """One completion being generated in one row of the batch cache."""
+    request: "Request"
+    index: int  # which of the request's n completions
+    generator: torch.Generator
+    text: IncrementalText
+    constraint: object | None = None  # e.g. a JsonConstraint: decides which tokens may come next
+    row: int = -1
+    pos: int = 0  # where the next fed token is written in the cache
+    limit: int = 0  # most tokens it may sample
+    sampled: int = 0  # tokens sampled, counting a stop token
+    tokens: list[TokenInfo] = field(default_factory=list)
+    unsent: list[TokenInfo] = field(default_factory=list)  # tokens not yet handed to the sink
+    seen: torch.Tensor | None = None  # for the repetition penalty
+    finish_reason: str | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t.id for t in self.tokens]
+
+
+@dataclass
+class Request:
+    """What a client asked for. The sink receives events from the loop thread:
+    ("delta", index, text, [TokenInfo]) as text becomes final, then ("finish", index, reason) per completion."""
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[tuple], None]
+    n: int = 1
+    constraint_factory: Callable[[], object] | None = None
+    timeout: float | None = None  # seconds from submission
+    id: int = 0
+    submitted: float = 0.0
+    cancelled: bool = False
+    sequences: list[Sequence] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.sequences) and all(s.finish_reason is not None for s in self.sequences)
+
+
+class ContinuousBatcher:
+    def __init__(self, engine, max_batch: int = 16, max_len: int | None = None, prefix_cache: bool = True):
+        self.engine = engine
+        self.model = engine.model
+        self.tokenizer = engine.tokenizer
+        self.max_batch = max_batch
+        self.max_len = min(max_len or engine.context_len, engine.context_len)
+        self.device = engine.device
+        # fixed shape for the server's lifetime (what a compiled decode step needs)
+        self.cache = self.model.new_cache(max_batch, self.max_len)
+        self.rows: list[Sequence | None] = [None] * max_batch
+        self.logits: dict[int, torch.Tensor] = {}  # row -> next-token logits (1, V) not yet sampled from
+        self.waiting: deque[Request] = deque()
+        self.jobs: deque[tuple[Callable, Future]] = deque()
+        self.prefixes: OrderedDict[tuple, object] = OrderedDict()  # prompt ids -> its prefilled batch-1 cache
+        self.use_prefix_cache = prefix_cache
+        self.stats = {"steps": 0, "prefix_hits": 0, "prefix_tokens_reused": 0}
+        self._ids = itertools.count(1)
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---- the thread-safe interface --------------------------------------------------------------------
+
+    def start(self) -> "ContinuousBatcher":
+        self._thread = threading.Thread(target=self._run, name="llmlab-batcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request; its events go to request.sink from the loop thread."""
+        request.params.validate()
+        if not request.prompt_ids:
+            raise LLMLabError("prompt is empty")
+        if request.n < 1 or request.n > self.max_batch:
+            raise LLMLabError(f"n must be between 1 and {self.max_batch}, got {request.n}")
+        if len(request.prompt_ids) >= self.max_len:
+            raise LLMLabError(f"prompt is {len(request.prompt_ids)} tokens but the context length is "
+                              f"{self.max_len} tokens, which leaves no room to generate")
+        request.id = next(self._ids)
+        request.submitted = time.monotonic()
+        with self._wake:
+            self.waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def cancel(self, request: Request):
+        """Stop a request (a client went away); its rows are freed at the next step."""
+        request.cancelled = True
+        with self._wake:
+            self._wake.notify()
+
+    def call(self, fn: Callable, *args) -> Future:
+        """Run fn(*args) in the loop thread between steps (e.g. scoring a prompt); returns a Future."""
+        future = Future()
+        with self._wake:
+            self.jobs.append((lambda: fn(*args), future))
+            self._wake.notify()
+        return future
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def busy_rows(self) -> int:
+        return sum(s is not None for s in self.rows)
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+
+    def _run(self):
+        while True:
+            with self._wake:
+                while not (self._stopping or self.waiting or self.jobs or self.busy_rows):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+            try:
+                self.step()
+            except Exception as e:  # a bug must not leave clients waiting forever: fail what is running
+                for seq in [s for s in self.rows if s is not None]:
+                    seq.request.sink(("error", repr(e)))
+                    self._finish(seq, "error")
+                raise
+        for seq in [s for s in self.rows if s is not None]:
+            self._finish(seq, "cancelled")
+
+    def step(self):
+        """One scheduling round: run jobs, drop cancelled work, admit, sample every busy row, decode."""
+        while self.jobs:
+            fn, future = self.jobs.popleft()
+            try:
+                future.set_result(fn())
+            except Exception as e:
+                future.set_exception(e)
+        self._expire()
+        self._admit()
+        busy = [s for s in self.rows if s is not None]
+        if not busy:
+            return
+        for seq in busy:
+            self._sample(seq)
+        still = [s for s in busy if s.finish_reason is None]
+        if still:
+            self._decode(still)
+        self.stats["steps"] += 1
+
+    def _expire(self):
+        now = time.monotonic()
+
+        def reason(r: Request):
+            if r.cancelled:
+                return "cancelled"
+            if r.timeout is not None and now - r.submitted > r.timeout:
+                return "timeout"
+            return None
+
+        for req in [r for r in self.waiting if reason(r)]:
+            self.waiting.remove(req)
+            for i in range(req.n):
+                req.sink(("finish", i, reason(req)))
+        for seq in [s for s in self.rows if s is not None]:
+            why = reason(seq.request)
+            if why:
+                self._finish(seq, why)
+
+    def _admit(self):
+        """Move waiting requests into free rows, first come first served (a request needs n rows at once)."""
+        while self.waiting:
+            req = self.waiting[0]
+            free = [i for i, s in enumerate(self.rows) if s is None]  # lowest first: keeps the busy range short
+            if len(free) < req.n:
+                return
+            self.waiting.popleft()
+            last, prefilled = self._prefill(req.prompt_ids)
+            for index, row in zip(range(req.n), free):
+                params = req.params
+                seed = None if params.seed is None else params.seed + index  # n different but reproducible
+                seq = Sequence(request=req, index=index, generator=new_generator(seed, self.device),
+                               text=IncrementalText(self.tokenizer, [params.stop] if isinstance(params.stop, str)
+                                                    else list(params.stop)),
+                               constraint=req.constraint_factory() if req.constraint_factory else None,
+                               row=row, pos=len(req.prompt_ids),
+                               limit=min(params.max_new_tokens, self.max_len - len(req.prompt_ids)))
+                if params.repetition_penalty != 1.0:
+                    seq.seen = torch.zeros(1, last.shape[-1], dtype=torch.bool, device=self.device)
+                    seq.seen[0, torch.tensor(req.prompt_ids, device=self.device)] = True
+                req.sequences.append(seq)
+                self.rows[row] = seq
+                self.cache.copy_row(row, prefilled, length=len(req.prompt_ids))
+                self.logits[row] = last
+
+    @torch.no_grad()
+    def _prefill(self, ids: list[int]):
+        """(logits after the prompt (1, V), its batch-1 cache). Reuses a stored prompt's
+        cache for a shared prefix (a long system prompt), running the model only on the rest."""
+        best, best_len = None, 0
+        if self.use_prefix_cache:
+            for key, stored in self.prefixes.items():
+                n = common_prefix_len(key, ids)
+                if n > best_len:
+                    best, best_len = key, n
+        best_len = min(best_len, len(ids) - 1)  # the last prompt token must run to give the next logits
+        if best_len >= PREFIX_MIN_TOKENS:
+            self.prefixes.move_to_end(best)
+            one = self.model.new_cache(1, len(ids))
+            one.copy_row(0, self.prefixes[best], length=best_len)
+            rest = torch.tensor([ids[best_len:]], dtype=torch.long, device=self.device)
+            pos = torch.arange(best_len, len(ids), device=self.device)[None]
+            last = self.model(rest, input_pos=pos, kv_cache=one, last_only=True)[:, -1].float()
+            self.stats["prefix_hits"] += 1
+            self.stats["prefix_tokens_reused"] += best_len
+        else:
+            last, one = self.engine.prefill(ids)
+        if self.use_prefix_cache and len(ids) >= PREFIX_MIN_TOKENS:
+            self.prefixes[tuple(ids)] = one
+            while len(self.prefixes) > PREFIX_CACHE_ENTRIES:
+                self.prefixes.popitem(last=False)
+        return last, one
+
+    def _sample(self, seq: Sequence):
+        """Choose the row's next token from its pending logits and hand out any text that became final."""
+        params, req = seq.request.params, seq.request
+        logits = self.logits.pop(seq.row)
+        if seq.constraint is not None:
+            forced = seq.constraint.forced_tokens(seq.limit - seq.sampled)
+            tokens = forced if forced is not None else [seq.constraint.choose(logits, params, seq.generator)]
+        else:
+            tokens = [int(sample_next(logits, params, seq.generator, seq.seen)[0])]
+        logp = F.log_softmax(logits, dim=-1)[0] if params.logprobs else None
+        stop_ids = set() if params.ignore_eos else set(
+            self.tokenizer.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids)
+        for k, token in enumerate(tokens):
+            seq.sampled += 1
+            if seq.seen is not None:
+                seq.seen[0, token] = True
+            if token in stop_ids and seq.constraint is None:
+                self._finish(seq, "stop")
+                return
+            info = TokenInfo(token)
+            if logp is not None and k == 0:  # forced tokens past the first have no distribution of their own
+                info.logprob = float(logp[token])
+                if params.top_logprobs:
+                    top = logp.topk(min(params.top_logprobs, logp.shape[-1]))
+                    info.top = dict(zip(top.indices.tolist(), top.values.tolist()))
+            seq.tokens.append(info)
+            seq.unsent.append(info)
+            seq.text.add(token)
+            if seq.constraint is not None:
+                seq.constraint.advance(token)
+        if seq.text.stopped:
+            self._finish(seq, "stop")
+        elif seq.constraint is not None and seq.constraint.finished:
+            # a complete JSON value ends the answer; "length" when it was closed early for the token budget
+            self._finish(seq, "length" if getattr(seq.constraint, "was_forced", False) else "stop")
+        elif seq.sampled >= seq.limit:
+            self._finish(seq, "length")
+        else:
+            delta = seq.text.take()
+            if delta:
+                req.sink(("delta", seq.index, delta, seq.unsent))
+                seq.unsent = []
+
+    def _finish(self, seq: Sequence, reason: str):
+        if seq.finish_reason is not None:
+            return
+        seq.finish_reason = reason
+        seq.text.close()
+        delta = seq.text.take(final=True)
+        if delta or seq.unsent:
+            seq.request.sink(("delta", seq.index, delta, seq.unsent))
+            seq.unsent = []
+        seq.request.sink(("finish", seq.index, reason))
+        self.rows[seq.row] = None
+        self.logits.pop(seq.row, None)
+
+    def _decode(self, seqs: list[Sequence]):
+        """One decode step for the given rows. Only rows [0, highest busy row] run, and attention only spans
+        the cache up to the longest row: both are views of the big cache, so nothing is copied."""
+        n_rows = max(s.row for s in seqs) + 1
+        tokens = torch.zeros(n_rows, 1, dtype=torch.long, device=self.device)
+        pos = torch.zeros(n_rows, 1, dtype=torch.long, device=self.device)  # idle rows rewrite their slot 0
+        for s in seqs:
+            tokens[s.row, 0] = s.tokens[-1].id
+            pos[s.row, 0] = s.pos
+            s.pos += 1
+        if self.engine.compiled_step is not None:  # compiled: always the full fixed shape
+            view = self.cache
+            tokens = torch.cat([tokens, tokens.new_zeros(self.max_batch - n_rows, 1)])
+            pos = torch.cat([pos, pos.new_zeros(self.max_batch - n_rows, 1)])
+        else:
+            length = min(self.max_len, -(-(int(pos.max()) + 1) // VIEW_ROUNDING) * VIEW_ROUNDING)
+            view = cache_view(self.cache, n_rows, length)
+        logits = self.engine.decode_step(tokens, pos, view)
+        for s in seqs:
+            self.logits[s.row] = logits[s.row:s.row + 1]
+
+
+def cache_view(cache, rows: int, length: int):
+    """The first `rows` rows and `length` slots of a KVCache, as a KVCache sharing its memory."""
+    view = object.__new__(type(cache))
+    view.max_len = length
+    view.k = [t[:rows, :, :length] for t in cache.k]
+    view.v = [t[:rows, :, :length] for t in cache.v]
+    return view
+
+
+def common_prefix_len(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

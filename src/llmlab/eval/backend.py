@@ -1,0 +1,318 @@
+"""Where evaluated models live: a Backend scores and generates text, in-process (LocalBackend) or over HTTP
+from any OpenAI-compatible endpoint (OpenAIBackend). Everything else in llmlab.eval talks only to this protocol."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from llmlab.errors import LLMLabError
+
+
+@dataclass
+class LogLik:
+    logprob: float  # sum over the continuation's tokens
+    n_tokens: int
+    greedy: bool = False  # every continuation token was the most likely one (local backend only)
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # per generated token: {token text: logprob}, most likely first (when asked for top_logprobs)
+    top_logprobs: list[dict[str, float]] | None = None
+    tokens: list[str] | None = None  # the generated tokens' texts (when asked for top_logprobs)
+
+
+@dataclass
+class GenParams:
+    max_tokens: int = 128
+    temperature: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    top_logprobs: int = 0  # > 0: return the n most likely tokens at each step
+
+
+class Backend(Protocol):
+    name: str
+
+    def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[LogLik]:
+        """log P(continuation | context) for each (context, continuation) of raw text."""
+
+    def generate(self, prompts: list, params: GenParams, chat: bool = True) -> list[Generation]:
+        """Completions of several prompts: chat (a user message or a list of messages) or raw text."""
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in `text` (exact for local, an estimate for endpoints)."""
+
+
+# ---- in-process --------------------------------------------------------------------------------------------
+
+
+class LocalBackend:
+    """An llmlab model in this process. Scoring batches pairs of similar length into one forward each."""
+
+    def __init__(self, llm, batch_tokens: int = 4096, max_batch: int = 32, gen_batch: int = 8):
+        self.llm, self.name = llm, str(getattr(llm, "path", "local"))
+        self.batch_tokens, self.max_batch, self.gen_batch = batch_tokens, max_batch, gen_batch
+        tok = llm.tokenizer
+        # a context-free continuation (perplexity) is scored after a document separator, as lm-eval does
+        self.prefix_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.llm.tokenizer.encode(text))
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        tok = self.llm.tokenizer
+        # trailing spaces belong to the continuation: "Answer: " + "Paris" tokenizes as "Answer:" + " Paris"
+        stripped = context.rstrip(" ")
+        continuation = context[len(stripped):] + continuation
+        ctx = tok.encode(stripped, add_special_tokens=True) if stripped else []
+        if not ctx:
+            if self.prefix_id is None:
+                raise LLMLabError("this tokenizer has no BOS or EOS token to score a text without context after")
+            ctx = [self.prefix_id]
+        return ctx, tok.encode(continuation)
+
+    def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[LogLik]:
+        import torch
+        encoded = [self._encode_pair(c, x) for c, x in pairs]
+        window = self.llm.engine.context_len
+        for ctx, cont in encoded:
+            if not cont:
+                raise LLMLabError("a continuation to score is empty")
+        # keep the most recent context when a pair does not fit the window
+        encoded = [(ctx[max(0, len(ctx) + len(cont) - window):], cont) if len(ctx) + len(cont) > window else (ctx, cont)
+                   for ctx, cont in encoded]
+        out: list[LogLik | None] = [None] * len(encoded)
+        # choices of one question share their context: run it once, then all continuations from its cache
+        groups: dict[tuple, list[int]] = {}
+        for i, (ctx, _) in enumerate(encoded):
+            groups.setdefault(tuple(ctx), []).append(i)
+        singles = [g[0] for g in groups.values() if len(g) == 1]
+        with torch.inference_mode():
+            for ctx, members in groups.items():
+                if len(members) > 1:
+                    for j, s in zip(members, self._score_shared(list(ctx), [encoded[j][1] for j in members])):
+                        out[j] = s
+            # the rest: longest first in right-padded batches, so padding is small
+            order = sorted(singles, key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
+            i = 0
+            while i < len(order):
+                width = len(encoded[order[i]][0]) + len(encoded[order[i]][1])
+                size = max(1, min(self.max_batch, self.batch_tokens // max(width, 1)))
+                batch = order[i:i + size]
+                for j, s in zip(batch, self._score(self.llm.engine, [encoded[j] for j in batch])):
+                    out[j] = s
+                i += size
+        return out
+
+    def _score_shared(self, ctx: list[int], conts: list[list[int]]) -> list[LogLik]:
+        """Score several continuations of one context: the context is computed once into a KV cache."""
+        import torch
+        engine = self.llm.engine
+        longest = max(len(c) for c in conts)
+        last, one = engine.prefill(ctx, max_len=len(ctx) + longest)  # logits after the context: (1, V)
+        first = torch.log_softmax(last[0].float(), dim=-1)
+        out = []
+        rows = max(1, self.batch_tokens // max(longest, 1))
+        for start in range(0, len(conts), rows):
+            chunk = conts[start:start + rows]
+            cache = one if len(chunk) == 1 else _dup(one, len(chunk))
+            idx = torch.zeros(len(chunk), longest, dtype=torch.long, device=engine.device)
+            for i, c in enumerate(chunk):
+                idx[i, :len(c)] = torch.tensor(c)
+            pos = (len(ctx) + torch.arange(longest, device=engine.device))[None].expand(len(chunk), -1)
+            logits = engine.model(idx, input_pos=pos, kv_cache=cache) if longest > 1 else None
+            for i, c in enumerate(chunk):
+                targets = torch.tensor(c, device=engine.device)
+                logp = first[None]
+                if len(c) > 1:  # the logits at continuation token t predict token t + 1
+                    logp = torch.cat([logp, torch.log_softmax(logits[i, :len(c) - 1].float(), dim=-1)])
+                lp = logp.gather(-1, targets[:, None])[:, 0]
+                out.append(LogLik(float(lp.sum()), len(c), bool((logp.argmax(-1) == targets).all())))
+        return out
+
+    @staticmethod
+    def _score(engine, pairs) -> list[LogLik]:
+        """engine.score_batch, plus whether each continuation was the greedy one; log-softmax only where needed."""
+        import torch
+        seqs = [list(p) + list(c) for p, c in pairs]
+        width = max(len(s) for s in seqs)
+        idx = torch.zeros(len(seqs), width, dtype=torch.long, device=engine.device)
+        for i, s in enumerate(seqs):
+            idx[i, :len(s)] = torch.tensor(s)
+        logits = engine.model(idx)
+        out = []
+        for i, (prompt, cont) in enumerate(pairs):
+            n = len(prompt)
+            logp = torch.log_softmax(logits[i, n - 1:n - 1 + len(cont)].float(), dim=-1)
+            targets = torch.tensor(cont, device=engine.device)
+            lp = logp.gather(-1, targets[:, None])[:, 0]
+            out.append(LogLik(float(lp.sum()), len(cont), bool((logp.argmax(-1) == targets).all())))
+        return out
+
+    def generate(self, prompts: list, params: GenParams, chat: bool = True) -> list[Generation]:
+        from llmlab.engine import SamplingParams
+        llm = self.llm
+        sp = SamplingParams(max_new_tokens=params.max_tokens, temperature=params.temperature, stop=list(params.stop),
+                            seed=params.seed, logprobs=params.top_logprobs > 0, top_logprobs=params.top_logprobs)
+        out = []
+        for start in range(0, len(prompts), self.gen_batch):
+            chunk = prompts[start:start + self.gen_batch]
+            ids = [llm.prompt_ids(p, raw=not chat) for p in chunk]
+            ids = [p[-(llm.engine.context_len - params.max_tokens):] for p in ids]  # keep the end of a long prompt
+            for c in llm.engine.generate(ids, sp):
+                g = Generation(c.text, c.prompt_tokens, c.completion_tokens)
+                if c.top_logprobs is not None:
+                    dec = llm.tokenizer.decode
+                    g.tokens = [dec([t]) for t in c.token_ids]
+                    g.top_logprobs = [{dec([t]): lp for t, lp in step.items()} for step in c.top_logprobs]
+                out.append(g)
+        return out
+
+
+def _dup(cache, n: int):
+    """A copy of a batch-1 KV cache with its row repeated n times."""
+    import copy
+    import torch
+    dup = copy.copy(cache)
+    dup.k = [t.expand(n, *t.shape[1:]).clone() for t in cache.k]
+    dup.v = [t.expand(n, *t.shape[1:]).clone() for t in cache.v]
+    return dup
+
+
+# ---- over HTTP -----------------------------------------------------------------------------------------------
+
+
+class OpenAIBackend:
+    """Any OpenAI-compatible server: /v1/completions (echo + logprobs) scores, /v1/chat/completions generates.
+
+    Each request is retried with exponential backoff on connection errors, timeouts, 429 and 5xx; after the
+    last try an LLMLabError names the endpoint and the last error.
+    """
+
+    def __init__(self, base_url: str, model: str = "default", api_key: str | None = None, retries: int = 4,
+                 backoff: float = 0.5, timeout: float = 120.0, concurrency: int = 4):
+        import httpx
+        self.base_url = base_url.rstrip("/")
+        if not self.base_url.endswith("/v1"):
+            self.base_url += "/v1"
+        self.model, self.name = model, f"{model}@{self.base_url}"
+        self.retries, self.backoff, self.concurrency = retries, backoff, concurrency
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(timeout=timeout, headers=headers)
+
+    def close(self):
+        self.client.close()
+
+    def count_tokens(self, text: str) -> int:
+        return max(1, round(len(text) / 4))  # the endpoint's tokenizer is not ours; ~4 characters a token
+
+    def _post(self, path: str, body: dict) -> dict:
+        import httpx
+        url = self.base_url + path
+        last = "no attempt"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                r = self.client.post(url, json=body)
+            except httpx.HTTPError as e:
+                last = f"{type(e).__name__}: {e}"
+                continue
+            if r.status_code == 200:
+                try:
+                    return r.json()
+                except ValueError:
+                    last = f"invalid JSON in the response: {r.text[:200]!r}"
+                    continue
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+            if r.status_code not in (408, 409, 429) and r.status_code < 500:
+                break  # a client error will not go away by asking again
+        raise LLMLabError(f"endpoint {url} failed after {attempt + 1} attempt(s): {last}")
+
+    def _map(self, fn, items):
+        """fn over items with a few requests in flight (endpoints batch concurrent requests)."""
+        if self.concurrency <= 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(fn, items))
+
+    def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[LogLik]:
+        def one(pair):
+            context, continuation = pair
+            body = {"model": self.model, "prompt": context + continuation, "max_tokens": 1, "temperature": 0,
+                    "echo": True, "logprobs": 1}
+            lp = self._post("/completions", body)["choices"][0]["logprobs"]
+            tokens, offsets, values = lp["tokens"], lp["text_offset"], lp["token_logprobs"]
+            cut = len(context.rstrip(" "))
+            total, n, greedy = 0.0, 0, True
+            end = len(context) + len(continuation)
+            for tok, off, val, top in zip(tokens, offsets, values, lp.get("top_logprobs") or [None] * len(tokens)):
+                if off < cut or off >= end or val is None:
+                    continue  # context tokens, the one generated token, or the unscored first token
+                total += val
+                n += 1
+                if top:
+                    greedy = greedy and max(top.values()) <= val + 1e-6
+            if n == 0:
+                raise LLMLabError(f"endpoint {self.base_url} returned no logprobs for the continuation {continuation!r}")
+            return LogLik(total, n, greedy)
+        return self._map(one, pairs)
+
+    def generate(self, prompts: list, params: GenParams, chat: bool = True) -> list[Generation]:
+        def one(prompt):
+            body = {"model": self.model, "max_tokens": params.max_tokens, "temperature": params.temperature}
+            if params.stop:
+                body["stop"] = list(params.stop)
+            if params.seed is not None:
+                body["seed"] = params.seed
+            if chat:
+                body["messages"] = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+                if params.top_logprobs:
+                    body["logprobs"], body["top_logprobs"] = True, params.top_logprobs
+                r = self._post("/chat/completions", body)
+                choice = r["choices"][0]
+                text = choice["message"]["content"] or ""
+                top = tokens = None
+                if params.top_logprobs and choice.get("logprobs"):
+                    content = choice["logprobs"].get("content") or []
+                    tokens = [c["token"] for c in content]
+                    top = [{t["token"]: t["logprob"] for t in c.get("top_logprobs", [])} for c in content]
+            else:
+                body["prompt"] = prompt
+                if params.top_logprobs:
+                    body["logprobs"] = params.top_logprobs
+                r = self._post("/completions", body)
+                choice = r["choices"][0]
+                text = choice["text"]
+                top = tokens = None
+                if params.top_logprobs and choice.get("logprobs"):
+                    tokens = choice["logprobs"]["tokens"]
+                    top = choice["logprobs"]["top_logprobs"]
+            usage = r.get("usage") or {}
+            return Generation(text, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), top, tokens)
+        return self._map(one, prompts)
+
+
+def make_backend(model: str | None = None, endpoint: str | None = None, endpoint_model: str = "default",
+                 api_key: str | None = None, dtype: str | None = None):
+    """A backend from CLI-style options: an llmlab model name/path, or an endpoint URL."""
+    if endpoint:
+        return OpenAIBackend(endpoint, endpoint_model, api_key)
+    from llmlab.api import load
+    return LocalBackend(load(model or "smollm2", dtype=dtype))
+
+
+def as_backend(x) -> Backend:
+    """Accept a Backend, an llmlab LLM, or a model name."""
+    if hasattr(x, "loglikelihood") and hasattr(x, "generate") and hasattr(x, "count_tokens"):
+        return x
+    if hasattr(x, "engine"):
+        return LocalBackend(x)
+    return make_backend(model=x)

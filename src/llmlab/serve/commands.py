@@ -1,0 +1,65 @@
+"""`llmlab serve` (the OpenAI-compatible server and web chat) and `llmlab feedback export`."""
+
+from __future__ import annotations
+
+import logging
+
+
+def add_commands(subparsers):
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API, with a web chat at /")
+    p.add_argument("-m", "--model", default="smollm2", help="registry name, checkpoint directory or .gguf file")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, fast decode)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", default=[], dest="api_keys",
+                   help="require 'Authorization: Bearer KEY' on the API (repeatable)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences generated at once")
+    p.add_argument("--max-len", type=int, default=2048, help="tokens per sequence (prompt + answer)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
+    p.add_argument("--max-body", type=int, default=1_000_000, help="largest request body in bytes")
+    p.add_argument("--db", default="feedback.sqlite", help="SQLite file for the web chat's feedback ('' turns it off)")
+    p.add_argument("--log-prompts", action="store_true", help="write prompt text to the log")
+    p.set_defaults(func=cmd_serve)
+
+    p = subparsers.add_parser("feedback", help="the web chat's feedback")
+    sub = p.add_subparsers(dest="feedback_command", required=True)
+    e = sub.add_parser("export", help="write SFT conversations and preference pairs as JSONL")
+    e.add_argument("--db", default="feedback.sqlite")
+    e.add_argument("--sft", help="JSONL of up-voted conversations: {\"messages\": [...]}")
+    e.add_argument("--pairs", help="JSONL of preference pairs: {\"messages\", \"chosen\", \"rejected\"}")
+    e.set_defaults(func=cmd_feedback_export)
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from llmlab.api import load
+    from llmlab.errors import LLMLabError
+    from llmlab.serve.app import ServerOptions, create_app
+
+    for name in ("max_batch", "max_len", "max_queue", "max_body"):
+        if getattr(args, name) < 1:
+            raise LLMLabError(f"--{name.replace('_', '-')} must be at least 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    llm = load(args.model, dtype=args.dtype, compile=args.compile)
+    options = ServerOptions(model_name=args.model, api_keys=args.api_keys, max_batch=args.max_batch,
+                            max_len=args.max_len, max_queue=args.max_queue, request_timeout=args.timeout,
+                            max_body_bytes=args.max_body, db=args.db or None, log_prompts=args.log_prompts)
+    app = create_app(llm, options)
+    print(f"llmlab serving {args.model} at http://{args.host}:{args.port}  (web chat: /, API: /v1)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_feedback_export(args) -> int:
+    from llmlab.errors import LLMLabError
+    from llmlab.serve.feedback import export_feedback
+
+    if not args.sft and not args.pairs:
+        raise LLMLabError("give --sft FILE and/or --pairs FILE")
+    counts = export_feedback(args.db, args.sft, args.pairs)
+    print(f"{counts['sft']} SFT conversations" + (f" -> {args.sft}" if args.sft else "") +
+          f", {counts['pairs']} preference pairs" + (f" -> {args.pairs}" if args.pairs else ""))
+    return 0

@@ -1,0 +1,51 @@
+"""A real server on a free local port, in a background thread: for tests, benchmarks and evaluation."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import fields
+
+from llmlab.errors import LLMLabError
+
+
+@contextmanager
+def running_server(llm_or_name="smollm2", **options):
+    """Start uvicorn with an llmlab server on 127.0.0.1 (a free port); yield its base URL ("http://127.0.0.1:PORT",
+    so the OpenAI API is at base + "/v1"); stop it on exit. options: ServerOptions fields (api_keys, max_batch,
+    max_len, max_queue, request_timeout, max_body_bytes, db, log_prompts, prefix_cache, model_name)."""
+    import uvicorn
+
+    from llmlab.serve.app import ServerOptions, create_app
+
+    known = {f.name for f in fields(ServerOptions)}
+    unknown = set(options) - known
+    if unknown:
+        raise LLMLabError(f"unknown server option {sorted(unknown)[0]!r}")
+    if isinstance(llm_or_name, str):
+        from llmlab.api import load
+        llm = load(llm_or_name)
+        options.setdefault("model_name", llm_or_name)
+    else:
+        llm = llm_or_name
+    app = create_app(llm, ServerOptions(**options))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="llmlab-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise LLMLabError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

@@ -1,0 +1,458 @@
+"""The speedrun: corpus -> tokenizer -> shards -> pretraining -> evaluation -> report, in one timed run directory.
+
+On the built-in bios world (fictional people with six facts each, knowledge-augmented biographies) so that a
+model small enough for a laptop CPU can learn something checkable: whether it stored each person's facts.
+
+RUN_DIR layout when it finishes:
+    corpus/      world/ (people, QA), raw.jsonl, clean.jsonl, report.{md,json} of the cleaning pipeline
+    tokenizer/   the trained byte-level BPE (tokenizer.json, tokenizer_config.json with the ChatML template)
+    shards/      packed train/val tokens and their manifest
+    pretrain/    metrics.jsonl, loss.png, checkpoints/ (resumable with `llmlab pretrain --resume`)
+    model/       the final model, a Hugging Face directory: `llmlab chat --model RUN_DIR` talks to it
+    stages.png, summary.json, report.md   written last; report.md exists only when the whole run finished
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmlab.errors import LLMLabError
+from llmlab.io import atomic_write_bytes, atomic_write_text
+
+AUGMENT = "multi,permute,fullname"
+BIOS_PER_PERSON = 5  # of the 6 wordings per attribute; the 6th is held out to test knowledge, not wording
+
+# Completion probes: the sentence start of one of the world's own templates, answered by the attribute's value.
+PROBES = {
+    "birth_date": "{name} was born on",
+    "birth_city": "{name} was born in",
+    "university": "{name} graduated from",
+    "major": "{name} majored in",
+    "employer": "{name} worked for",
+    "employer_city": "{name} worked in",
+}
+
+
+@dataclass
+class SpeedrunConfig:
+    people: int = 500
+    seed: int = 0
+    vocab_size: int = 4096
+    # model (Llama-style; the vocabulary comes from the tokenizer)
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    hidden_dim: int = 688
+    # training
+    seq_len: int = 256
+    micro_batch: int = 16
+    max_steps: int = 1000
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 50
+    eval_every: int = 100
+    threads: int = 0  # 0: torch's default
+    # evaluation
+    eval_people: int = 100  # people probed for facts / whose held-out biographies are scored
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Budgets measured on a 2-core x86 CPU (see report.md "Time per stage" of a run for the actual numbers).
+PRESETS = {
+    # every stage, as small as still means something: the test suite runs it (well under a minute)
+    "ci": dict(people=40, vocab_size=512, dim=64, n_layers=2, n_heads=4, hidden_dim=172, seq_len=128,
+               micro_batch=8, max_steps=60, lr=3e-3, min_lr=3e-4, warmup_steps=10, eval_every=30, eval_people=20),
+    # about 2 minutes: learns the format and some facts
+    "tiny": dict(people=200, vocab_size=2048, dim=128, n_layers=4, n_heads=4, hidden_dim=344, seq_len=256,
+                 micro_batch=16, max_steps=250, lr=3e-3, min_lr=3e-4, warmup_steps=25, eval_every=50,
+                 eval_people=60),
+    # at most 15 minutes: a 4M-parameter model that stores a good part of the facts
+    "default": dict(),
+}
+
+
+def preset_config(preset: str = "default", **overrides) -> SpeedrunConfig:
+    if preset not in PRESETS:
+        raise LLMLabError(f"unknown speedrun preset {preset!r} (choose from {', '.join(PRESETS)})")
+    fields_ = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    unknown = set(fields_) - {f.name for f in dataclasses.fields(SpeedrunConfig)}
+    if unknown:
+        raise LLMLabError(f"unknown speedrun setting {sorted(unknown)[0]!r}")
+    return SpeedrunConfig(**fields_)
+
+
+class Stages:
+    """Wall-clock time and a throughput figure per stage, printed as each one ends."""
+
+    def __init__(self, log):
+        self.records: dict[str, dict] = {}
+        self.log = log
+
+    def run(self, name: str, fn, *args, **kwargs):
+        self.log(f"[{len(self.records) + 1}] {name} ...")
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.records[name] = {"seconds": time.perf_counter() - t}
+        return out
+
+    def note(self, name: str, amount: float, unit: str):
+        r = self.records[name]
+        r["throughput"], r["unit"] = amount / max(r["seconds"], 1e-9), unit
+        self.log(f"    {name}: {r['seconds']:.1f} s, {r['throughput']:,.0f} {unit}")
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def build_corpus(run_dir: Path, cfg: SpeedrunConfig):
+    """The world, its augmented biographies (shuffled, so one person's copies are spread out), cleaned."""
+    from llmlab.data.bios import make_bios_world
+    from llmlab.data.clean import CleanConfig, clean_corpus
+    from llmlab.data.filters import FilterConfig
+    from llmlab.data.ingest import JsonlWriter
+
+    world = make_bios_world(cfg.people, cfg.seed)
+    corpus = run_dir / "corpus"
+    world.write(corpus / "world", augment=AUGMENT, multi=BIOS_PER_PERSON)
+    bios = list(world.biographies(AUGMENT, BIOS_PER_PERSON))
+    random.Random(cfg.seed).shuffle(bios)
+    with JsonlWriter(corpus / "raw.jsonl") as w:
+        for text in bios:
+            w.write({"text": text})
+    # The Gopher quality rules are tuned on web pages: a biography repeating a full name six times fails the
+    # top-n-gram rule, and most are under 50 words. Synthetic text is clean by construction, so the rules are off;
+    # normalization and exact + near dedup (which must keep differently worded copies of a person) stay on.
+    filters = FilterConfig(min_words=5, top_ngram_max_char_fraction={}, dup_ngram_max_char_fraction={},
+                           min_quality=0.0, blocklist="")
+    report = clean_corpus(corpus / "raw.jsonl", corpus / "clean.jsonl", CleanConfig(filters=filters),
+                          report_dir=corpus)
+    return world, report
+
+
+def read_texts(jsonl: Path) -> list[str]:
+    with open(jsonl, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def heldout_biographies(world, people_idx: list[int]) -> list[str]:
+    """The 6th wording of each chosen person: known facts in sentences the model never saw."""
+    copies = BIOS_PER_PERSON + 1
+    all_bios = list(world.biographies(AUGMENT, copies))
+    return [all_bios[i * copies + BIOS_PER_PERSON] for i in people_idx]
+
+
+def unseen_biographies(cfg: SpeedrunConfig, n: int) -> list[str]:
+    """Biographies of people who are not in the corpus: their facts cannot be known, only guessed."""
+    from llmlab.data.bios import make_bios_world
+
+    other = make_bios_world(n + cfg.people, cfg.seed + 1)
+    ours = {p.name for p in make_bios_world(cfg.people, cfg.seed).people}
+    keep = [i for i, p in enumerate(other.people) if p.name not in ours]
+    bios = list(other.biographies(AUGMENT, 1))
+    return [bios[i] for i in keep[:n]]
+
+
+def train_tokenizer(run_dir: Path, cfg: SpeedrunConfig, texts: list[str], heldout: list[str]) -> dict:
+    from llmlab.checkpoint.registry import cached_path
+    from llmlab.tokenizer.train import bytes_per_token, train_bpe
+
+    out = train_bpe(texts, cfg.vocab_size, run_dir / "tokenizer", model_max_length=cfg.seq_len)
+    stats = {"vocab_size": cfg.vocab_size, "bytes_per_token": bytes_per_token(out, heldout),
+             "smollm2_bytes_per_token": None}
+    smol = cached_path("smollm2")
+    if smol.is_file():  # only if already pulled: the speedrun never downloads anything
+        from llmlab.tokenizer import Tokenizer
+        stats["smollm2_bytes_per_token"] = bytes_per_token(Tokenizer.from_gguf(smol), heldout)
+        stats["smollm2_vocab_size"] = Tokenizer.from_gguf(smol).vocab_size
+    return stats
+
+
+def pretrain_model(run_dir: Path, cfg: SpeedrunConfig):
+    from llmlab.train.config import TrainConfig
+    from llmlab.train.pretrain import model_config, pretrain
+    from llmlab.data.pack import load_manifest
+
+    manifest = load_manifest(run_dir / "shards")
+    tcfg = TrainConfig(out_dir=str(run_dir / "pretrain"), seed=cfg.seed, seq_len=cfg.seq_len,
+                       micro_batch=cfg.micro_batch, max_steps=cfg.max_steps, lr=cfg.lr, min_lr=cfg.min_lr,
+                       warmup_steps=cfg.warmup_steps, eval_every=cfg.eval_every, eval_batches=4,
+                       sample_tokens=32, num_samples=2, log_every=1, save_every=0, keep_last=1,
+                       progress=cfg.progress, threads=cfg.threads, dtype="bfloat16")
+    mcfg = model_config(None, manifest["vocab_size"], cfg.seq_len, manifest["eos_id"], dim=cfg.dim,
+                        n_layers=cfg.n_layers, n_heads=cfg.n_heads, hidden_dim=cfg.hidden_dim)
+    result, final = pretrain(run_dir / "shards", tcfg, mcfg, tokenizer_dir=run_dir / "tokenizer")
+    if result.interrupted or final is None:
+        raise LLMLabError(f"pretraining was interrupted; its checkpoint is in {run_dir / 'pretrain'}")
+    os.replace(final, run_dir / "model")  # RUN_DIR/model is the run's model, whatever stage made it last
+    return result, tcfg, mcfg
+
+
+def probe_facts(llm, world, people_idx: list[int]) -> dict:
+    """Greedy completion of "<name> was born in" style probes; exact match of the text up to the first period."""
+    from llmlab.engine import SamplingParams
+
+    tok = llm.tokenizer
+    eos = tok.eos_token_id
+    prompts, answers, attrs = [], [], []
+    for i in people_idx:
+        p = world.people[i]
+        for attr, probe in PROBES.items():
+            # a document starts right after an EOS in the packed stream, so the probe does too
+            prompts.append([eos] + tok.encode(probe.format(name=p.name)))
+            answers.append(getattr(p, attr))
+            attrs.append(attr)
+    params = SamplingParams(temperature=0.0, max_new_tokens=16, stop=["."])
+    done = llm.engine.generate(prompts, params)
+    per_attr = {a: [0, 0] for a in PROBES}
+    examples = []
+    for c, answer, attr, i in zip(done, answers, attrs, [i for i in people_idx for _ in PROBES]):
+        got = c.text.strip()
+        per_attr[attr][0] += got == answer
+        per_attr[attr][1] += 1
+        if len(examples) < 12:
+            examples.append({"prompt": PROBES[attr].format(name=world.people[i].name), "expected": answer,
+                             "got": got, "correct": got == answer})
+    # the baseline: always answering the attribute's most common value (what a model knowing no one would do)
+    baseline = {}
+    for attr in PROBES:
+        values = [getattr(world.people[i], attr) for i in people_idx]
+        baseline[attr] = Counter(values).most_common(1)[0][1] / len(values)
+    accuracy = {a: n / total for a, (n, total) in per_attr.items()}
+    return {"accuracy": accuracy, "mean_accuracy": sum(accuracy.values()) / len(accuracy), "baseline": baseline,
+            "mean_baseline": sum(baseline.values()) / len(baseline), "probes": len(prompts), "examples": examples}
+
+
+def bits_per_byte(llm, texts: list[str]) -> dict:
+    """Bits per UTF-8 byte and perplexity per token of whole documents, each scored after an EOS."""
+    import torch
+    import torch.nn.functional as F
+
+    model, tok = llm.model, llm.tokenizer
+    nll = n_tokens = n_bytes = 0.0
+    with torch.no_grad():
+        for text in texts:
+            ids = [tok.eos_token_id] + tok.encode(text)
+            ids = ids[:model.config.max_seq_len + 1]
+            x = torch.tensor([ids])
+            logits = model(x[:, :-1])
+            nll += F.cross_entropy(logits[0].float(), x[0, 1:], reduction="sum").item()
+            n_tokens += len(ids) - 1
+            n_bytes += len(tok.decode(ids[1:]).encode("utf-8"))
+    return {"bits_per_byte": nll / math.log(2) / n_bytes, "perplexity": math.exp(nll / n_tokens),
+            "documents": len(texts), "tokens": int(n_tokens)}
+
+
+def sample_texts(llm, world, people_idx: list[int], seed: int) -> list[dict]:
+    tok = llm.tokenizer
+    from llmlab.engine import SamplingParams
+
+    prompts = [world.people[i].name for i in people_idx[:3]]
+    done = llm.engine.generate([[tok.eos_token_id] + tok.encode(p) for p in prompts],
+                               SamplingParams(temperature=0.7, max_new_tokens=48, seed=seed))
+    return [{"prompt": p, "completion": c.text} for p, c in zip(prompts, done)]
+
+
+def evaluate(run_dir: Path, cfg: SpeedrunConfig, world) -> dict:
+    from llmlab.api import load
+
+    llm = load(run_dir / "model")
+    llm.model.eval()
+    rng = random.Random(cfg.seed)
+    people_idx = sorted(rng.sample(range(len(world.people)), min(cfg.eval_people, len(world.people))))
+    t = time.perf_counter()
+    facts = probe_facts(llm, world, people_idx)
+    facts["seconds"] = time.perf_counter() - t
+    known = bits_per_byte(llm, heldout_biographies(world, people_idx))
+    unseen = bits_per_byte(llm, unseen_biographies(cfg, len(people_idx)))
+    return {"facts": facts, "heldout_known": known, "heldout_unseen": unseen,
+            "samples": sample_texts(llm, world, people_idx, cfg.seed)}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def plot_stages(records: dict, png: Path):
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(records)
+    secs = [records[n]["seconds"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.2), dpi=100)
+    ax.barh(names[::-1], secs[::-1])
+    for y, s in enumerate(secs[::-1]):
+        ax.text(s, y, f" {s:.1f} s", va="center", fontsize=8)
+    ax.set_xlabel("seconds")
+    ax.set_title(f"speedrun stages: {sum(secs):.0f} s in all")
+    ax.set_xlim(0, max(secs) * 1.25)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(png, buf.getvalue())
+
+
+def render_report(s: dict) -> str:
+    cfg, c, tk, pt, ev = s["config"], s["corpus"], s["tokenizer"], s["pretrain"], s["eval"]
+    L = [f"# llmlab speedrun: {s['run_dir']}", "",
+         f"Preset `{s['preset']}`, seed {cfg['seed']}, finished {s['finished']} on {s['machine']} "
+         f"({s['threads']} torch threads, load average {s['load_average']} at the end; the machine may be shared, "
+         f"in which case every time below is pessimistic). Total {s['total_seconds']:.0f} s.", "",
+         "Talk to the model: `llmlab chat --model " + s["run_dir"] + "` (it is pretrained only: it continues "
+         "biographies, it has not been taught to answer).", "",
+         "## Settings", "", "| setting | value |", "|---|---|"]
+    L += [f"| {k} | {v} |" for k, v in cfg.items()]
+    L += ["", "## Data", "",
+          f"The bios world: {cfg['people']} fictional people with 6 facts each; {BIOS_PER_PERSON} differently "
+          f"worded biographies per person, sentences shuffled, full names instead of pronouns ({AUGMENT}).", "",
+          f"- documents in: {c['docs_in']} ({c['bytes_in']:,} bytes); kept: {c['docs_kept']} "
+          f"({c['bytes_kept']:,} bytes)",
+          f"- removed: " + (", ".join(f"{k} {v['docs']}" for k, v in c["removed"].items()) or "none")
+          + " (exact + near-duplicate detection on; the web-text quality rules are off for synthetic text)",
+          f"- packed tokens: {pt['data_tokens']['train']:,} train, {pt['data_tokens']['val']:,} validation",
+          "- full cleaning report: `corpus/report.md`", "",
+          "## Tokenizer", "",
+          f"Byte-level BPE trained on the corpus, {tk['vocab_size']} tokens. Bytes per token on held-out "
+          "biographies (higher is better compression):", "",
+          "| tokenizer | vocabulary | bytes/token |", "|---|---:|---:|",
+          f"| this run's | {tk['vocab_size']} | {tk['bytes_per_token']:.2f} |"]
+    if tk.get("smollm2_bytes_per_token"):
+        L.append(f"| SmolLM2 (general purpose) | {tk['smollm2_vocab_size']} | {tk['smollm2_bytes_per_token']:.2f} |")
+    else:
+        L.append("| SmolLM2 | - | not in the cache (`llmlab pull smollm2` to compare) |")
+    L += ["", "## Pretraining", "",
+          f"A {pt['params'] / 1e6:.2f}M-parameter Llama ({cfg['n_layers']} layers, dim {cfg['dim']}, "
+          f"{cfg['n_heads']} heads), {pt['steps']} steps of {pt['tokens_per_step']:,} tokens = "
+          f"{pt['tokens']:,} tokens ({pt['epochs']:.1f} epochs), bf16 autocast over fp32 weights.", "",
+          f"- train loss: {pt['first_loss']:.3f} at step 1 -> {pt['final_loss']:.3f} at the end",
+          f"- validation loss {pt['val_loss']:.3f} nats/token, **{pt['val_bpb']:.3f} bits per byte**",
+          f"- {pt['tokens_per_s']:,.0f} tokens/s (median step), MFU {pt['mfu']:.1%}", "",
+          "![loss curve](pretrain/loss.png)", "",
+          "## Evaluation", "",
+          "### Knowledge: does the model complete facts about people it read about?", "",
+          f"Greedy completions of {ev['facts']['probes']} probes such as \"<name> was born in\" for "
+          f"{len(ev['facts']['accuracy'])} attributes of {cfg['eval_people']} people; "
+          "exact match of the text up to the first period. The baseline always answers the attribute's most "
+          "common value.", "",
+          "| attribute | exact match | baseline |", "|---|---:|---:|"]
+    f = ev["facts"]
+    L += [f"| {a} | {f['accuracy'][a]:.1%} | {f['baseline'][a]:.1%} |" for a in f["accuracy"]]
+    L += [f"| **mean** | **{f['mean_accuracy']:.1%}** | {f['mean_baseline']:.1%} |", "", "Examples:", ""]
+    L += [f"- {'✓' if e['correct'] else '✗'} {e['prompt']} → `{e['got']}` (expected `{e['expected']}`)"
+          for e in f["examples"]]
+    k, u = ev["heldout_known"], ev["heldout_unseen"]
+    L += ["", "### Held-out biographies", "",
+          "| biographies | documents | bits/byte | perplexity/token |", "|---|---:|---:|---:|",
+          f"| known people, a wording never trained on | {k['documents']} | {k['bits_per_byte']:.3f} | "
+          f"{k['perplexity']:.2f} |",
+          f"| people not in the corpus | {u['documents']} | {u['bits_per_byte']:.3f} | {u['perplexity']:.2f} |", "",
+          "The gap between the two rows is what the model knows about the people it read about.", "",
+          "## Samples", ""]
+    L += [f"- **{x['prompt']}**{x['completion']}" for x in ev["samples"]]
+    L += ["", "## Time per stage", "", "| stage | seconds | throughput |", "|---|---:|---:|"]
+    for name, r in s["stages"].items():
+        thr = f"{r['throughput']:,.0f} {r['unit']}" if "throughput" in r else ""
+        L.append(f"| {name} | {r['seconds']:.1f} | {thr} |")
+    L += [f"| **total** | **{s['total_seconds']:.1f}** | |", "", "![stage times](stages.png)", ""]
+    return "\n".join(L)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def prepare_run_dir(run_dir: Path, force: bool):
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LLMLabError(f"{run_dir} exists and is not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not force:
+            raise LLMLabError(f"{run_dir} is not empty; choose another --out or pass --force to replace it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def speedrun(out_dir: str | Path, preset: str = "default", force: bool = False, log=print,
+             **overrides) -> Path:
+    """Run every stage into `out_dir` and return the path of its report.md. Keyword overrides are
+    SpeedrunConfig fields (people=..., max_steps=..., seed=...)."""
+    cfg = preset_config(preset, **overrides)
+    run_dir = Path(out_dir)
+    prepare_run_dir(run_dir, force)
+    t_start = time.perf_counter()
+    stages = Stages(log)
+
+    world, clean = stages.run("corpus", build_corpus, run_dir, cfg)
+    stages.note("corpus", clean.docs_in, "documents/s")
+    texts = read_texts(run_dir / "corpus" / "clean.jsonl")
+    rng = random.Random(cfg.seed + 7)
+    heldout = heldout_biographies(world, sorted(rng.sample(range(cfg.people), min(cfg.eval_people, cfg.people))))
+
+    tok_stats = stages.run("tokenizer", train_tokenizer, run_dir, cfg, texts, heldout)
+    stages.note("tokenizer", clean.bytes_kept, "bytes/s")
+
+    from llmlab.data.pack import pack_documents
+    manifest = stages.run("pack", pack_documents, texts, run_dir / "tokenizer", run_dir / "shards",
+                          val_fraction=0.05, seed=cfg.seed)
+    stages.note("pack", sum(manifest["tokens"].values()), "tokens/s")
+
+    result, tcfg, mcfg = stages.run("pretrain", pretrain_model, run_dir, cfg)
+    stages.note("pretrain", result.step * tcfg.tokens_per_step, "tokens/s")
+
+    ev = stages.run("evaluate", evaluate, run_dir, cfg, world)
+    stages.note("evaluate", ev["facts"]["probes"], "fact probes/s")
+
+    from llmlab.train.loop import read_metrics
+    records = read_metrics(run_dir / "pretrain" / "metrics.jsonl")
+    train_rows = [r for r in records if "loss" in r]
+    val_rows = [r for r in records if "val_loss" in r]
+    tps = sorted(r["tok_per_s"] for r in train_rows)
+    mfus = sorted(r["mfu"] for r in train_rows)
+    tokens = result.step * tcfg.tokens_per_step
+    summary = {
+        "run_dir": str(run_dir), "preset": preset, "config": cfg.to_dict(),
+        "corpus": clean.to_dict(),
+        "tokenizer": tok_stats,
+        "pretrain": {"params": mcfg.n_params(), "steps": result.step, "tokens_per_step": tcfg.tokens_per_step,
+                     "tokens": tokens, "epochs": tokens / manifest["tokens"]["train"],
+                     "data_tokens": manifest["tokens"],
+                     "first_loss": train_rows[0]["loss"], "final_loss": train_rows[-1]["loss"],
+                     "val_loss": val_rows[-1]["val_loss"], "val_bpb": val_rows[-1].get("val_bpb"),
+                     "tokens_per_s": tps[len(tps) // 2], "mfu": mfus[len(mfus) // 2],
+                     "samples": val_rows[-1].get("samples", [])},
+        "eval": ev,
+        "stages": stages.records,
+        "machine": platform.processor() or platform.machine(),
+        "threads": _threads(cfg),
+        "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    t = time.perf_counter()
+    plot_stages(stages.records, run_dir / "stages.png")
+    summary["stages"]["report"] = {"seconds": time.perf_counter() - t}
+    summary["total_seconds"] = time.perf_counter() - t_start
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    # last: a run directory with a report.md is a finished run
+    atomic_write_text(run_dir / "report.md", render_report(summary))
+    log(f"done in {summary['total_seconds']:.0f} s: val {summary['pretrain']['val_bpb']:.3f} bits/byte, "
+        f"facts {ev['facts']['mean_accuracy']:.1%} (baseline {ev['facts']['mean_baseline']:.1%}); "
+        f"report {run_dir / 'report.md'}; chat: llmlab chat --model {run_dir}")
+    return run_dir / "report.md"
+
+
+def _threads(cfg: SpeedrunConfig) -> int:
+    import torch
+    return cfg.threads or torch.get_num_threads()
