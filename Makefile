@@ -1,10 +1,10 @@
-# Two commands do all set-up on a fresh machine: `make chat` (the main job) and `make test`.
+# Two commands do all set-up on a fresh machine: `make speedrun` (the main job) and `make test`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: chat test venv bench clean
+.PHONY: speedrun chat test venv bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+speedrun: $(STAMP)
+	$(BIN)/llmlab speedrun --out runs/speedrun --force
 
 chat: $(STAMP)
 	$(BIN)/llmlab pull smollm2

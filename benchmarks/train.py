@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -46,9 +47,13 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--compile", action="store_true", help="torch.compile llmlab's model")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for both (0: torch's default)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.json"))
     a = ap.parse_args()
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    load_start = os.getloadavg()
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=32000, max_seq_len=a.seq_len, **PRESETS["30m"])
     tcfg = TrainConfig(seq_len=a.seq_len, micro_batch=a.micro_batch, grad_accum=1, dtype="bfloat16",
@@ -97,7 +102,7 @@ def main():
         "seq_len": a.seq_len, "micro_batch": a.micro_batch, "dtype": "bfloat16 autocast, fp32 weights",
         "threads": torch.get_num_threads(), "compile": a.compile, "rounds": a.rounds, "steps_per_round": a.steps,
         "flops_per_token": fpt, "peak_flops_bf16_matmul": peak, "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
+        "torch": torch.__version__, "load_average_start": load_start, "load_average_end": os.getloadavg(),
     }
     for name, tps in times.items():
         med = statistics.median(tps)
@@ -105,7 +110,8 @@ def main():
     result["ratio_llmlab_over_transformers"] = result["llmlab"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
     print(f"llmlab       {result['llmlab']['tokens_per_s']:8.0f} tokens/s  MFU {result['llmlab']['mfu']:.1%}")
     print(f"transformers {result['transformers']['tokens_per_s']:8.0f} tokens/s  MFU {result['transformers']['mfu']:.1%}")
-    print(f"ratio {result['ratio_llmlab_over_transformers']:.2f}x (peak bf16 matmul {peak / 1e9:.0f} GFLOP/s)")
+    print(f"ratio {result['ratio_llmlab_over_transformers']:.2f}x (peak bf16 matmul {peak / 1e9:.0f} GFLOP/s, "
+          f"{torch.get_num_threads()} threads, load average {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f})")
     atomic_write_text(a.out, json.dumps(result, indent=2) + "\n")
 
 

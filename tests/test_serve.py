@@ -197,8 +197,9 @@ def test_api_keys(llm):
 
 
 def test_disconnect_frees_the_row_and_metrics_count(server):
-    body = {"model": MODEL, "prompt": "Tell me a very long story.", "max_tokens": 400, "stream": True}
-    with httpx.stream("POST", server + "/v1/completions", json=body, timeout=60) as r:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+            "max_tokens": 400, "stream": True}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 break  # one piece arrived: now go away
@@ -211,6 +212,6 @@ def test_disconnect_frees_the_row_and_metrics_count(server):
     metrics = httpx.get(server + "/metrics").text
     cancelled = [line for line in metrics.splitlines() if line.startswith("llmlab_cancelled_total ")]
     assert int(cancelled[0].split()[1]) >= 1
-    assert 'llmlab_requests_total{endpoint="chat",status="200"}' in metrics
+    assert 'llmlab_requests_total{endpoint="/v1/chat/completions",status="200"}' in metrics
     assert "llmlab_time_to_first_token_seconds_bucket" in metrics
     assert "llmlab_queue_depth 0" in metrics

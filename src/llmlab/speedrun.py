@@ -56,12 +56,15 @@ class SpeedrunConfig:
     # training
     seq_len: int = 256
     micro_batch: int = 16
-    max_steps: int = 1000
+    max_steps: int = 800
+    # wall-clock budget of the whole run in seconds (0: none): pretraining takes fewer than max_steps steps when
+    # a timed trial step says max_steps would not fit (a busy machine), so the run still ends on time
+    time_budget: float = 900
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_steps: int = 50
     eval_every: int = 100
-    threads: int = 0  # 0: torch's default
+    threads: int = 0  # 0: auto, the cores not already busy (see auto_threads)
     # evaluation
     eval_people: int = 100  # people probed for facts / whose held-out biographies are scored
     progress: bool = True
@@ -74,13 +77,14 @@ class SpeedrunConfig:
 PRESETS = {
     # every stage, as small as still means something: the test suite runs it (well under a minute)
     "ci": dict(people=40, vocab_size=512, dim=64, n_layers=2, n_heads=4, hidden_dim=172, seq_len=128,
-               micro_batch=8, max_steps=60, lr=3e-3, min_lr=3e-4, warmup_steps=10, eval_every=30, eval_people=20),
+               micro_batch=8, max_steps=60, lr=3e-3, min_lr=3e-4, warmup_steps=10, eval_every=30, eval_people=20,
+               time_budget=0, threads=1),  # one thread: a model this small gains nothing from two, and tests run side by side
     # about 2 minutes: learns the format and some facts
     "tiny": dict(people=200, vocab_size=2048, dim=128, n_layers=4, n_heads=4, hidden_dim=344, seq_len=256,
                  micro_batch=16, max_steps=250, lr=3e-3, min_lr=3e-4, warmup_steps=25, eval_every=50,
-                 eval_people=60),
+                 eval_people=60, time_budget=150),
     # at most 15 minutes: a 4M-parameter model that stores a good part of the facts
-    "default": dict(),
+    "default": dict(),  # 800 steps: see SpeedrunConfig
 }
 
 
@@ -175,9 +179,40 @@ def train_tokenizer(run_dir: Path, cfg: SpeedrunConfig, texts: list[str], heldou
     smol = cached_path("smollm2")
     if smol.is_file():  # only if already pulled: the speedrun never downloads anything
         from llmlab.tokenizer import Tokenizer
-        stats["smollm2_bytes_per_token"] = bytes_per_token(Tokenizer.from_gguf(smol), heldout)
-        stats["smollm2_vocab_size"] = Tokenizer.from_gguf(smol).vocab_size
+        smol_tok = Tokenizer.from_gguf(smol)
+        stats["smollm2_bytes_per_token"] = bytes_per_token(smol_tok, heldout)
+        stats["smollm2_vocab_size"] = smol_tok.vocab_size
     return stats
+
+
+def seconds_per_step(run_dir: Path, cfg: SpeedrunConfig, trials: int = 3) -> float:
+    """Time a few real training steps of a throwaway copy of the model (after one warm-up step)."""
+    from llmlab.data.pack import load_manifest, load_shards
+    from llmlab.model import Transformer
+    from llmlab.train.config import TrainConfig
+    from llmlab.train.loop import Objective, train_step
+    from llmlab.train.optim import make_optimizer
+    from llmlab.train.pretrain import TokenBatches, lm_loss, model_config
+
+    manifest = load_manifest(run_dir / "shards")
+    mcfg = model_config(None, manifest["vocab_size"], cfg.seq_len, manifest["eos_id"], dim=cfg.dim,
+                        n_layers=cfg.n_layers, n_heads=cfg.n_heads, hidden_dim=cfg.hidden_dim)
+    model = Transformer(mcfg).init_weights(seed=cfg.seed).train()
+    optimizer = make_optimizer(model, cfg.lr, 0.1)
+    batches = TokenBatches(load_shards(run_dir / "shards", "train"), cfg.seq_len, cfg.micro_batch, 1)
+    objective, tcfg = Objective(lm_loss, batches), TrainConfig(seq_len=cfg.seq_len, micro_batch=cfg.micro_batch)
+    train_step(model, model, objective, optimizer, tcfg)
+    t = time.perf_counter()
+    for _ in range(trials):
+        train_step(model, model, objective, optimizer, tcfg)
+    return (time.perf_counter() - t) / trials
+
+
+def steps_within_budget(cfg: SpeedrunConfig, seconds_left: float, step_seconds: float) -> int:
+    """How many steps fit in what is left of the budget: ~10% goes to evaluations and checkpoints during
+    training, and a fixed reserve to the evaluation stage and the report."""
+    reserve = 10 + 0.05 * cfg.time_budget
+    return max(10, min(cfg.max_steps, int(0.9 * (seconds_left - reserve) / step_seconds)))
 
 
 def pretrain_model(run_dir: Path, cfg: SpeedrunConfig):
@@ -311,7 +346,7 @@ def render_report(s: dict) -> str:
     cfg, c, tk, pt, ev = s["config"], s["corpus"], s["tokenizer"], s["pretrain"], s["eval"]
     L = [f"# llmlab speedrun: {s['run_dir']}", "",
          f"Preset `{s['preset']}`, seed {cfg['seed']}, finished {s['finished']} on {s['machine']} "
-         f"({s['threads']} torch threads, load average {s['load_average']} at the end; the machine may be shared, "
+         f"({s['threads']} torch threads, load average {s['load_average_start']} at the start and {s['load_average']} at the end; the machine may be shared, "
          f"in which case every time below is pessimistic). Total {s['total_seconds']:.0f} s.", "",
          "Talk to the model: `llmlab chat --model " + s["run_dir"] + "` (it is pretrained only: it continues "
          "biographies, it has not been taught to answer).", "",
@@ -338,7 +373,10 @@ def render_report(s: dict) -> str:
     L += ["", "## Pretraining", "",
           f"A {pt['params'] / 1e6:.2f}M-parameter Llama ({cfg['n_layers']} layers, dim {cfg['dim']}, "
           f"{cfg['n_heads']} heads), {pt['steps']} steps of {pt['tokens_per_step']:,} tokens = "
-          f"{pt['tokens']:,} tokens ({pt['epochs']:.1f} epochs), bf16 autocast over fp32 weights.", "",
+          f"{pt['tokens']:,} tokens ({pt['epochs']:.1f} epochs), bf16 autocast over fp32 weights."
+          + (f" The time budget ({cfg['time_budget']:.0f} s for the whole run) cut it from {pt['planned_steps']} "
+             f"planned steps: a trial step took {pt['trial_seconds_per_step']:.2f} s on this machine now."
+             if pt["steps"] < pt["planned_steps"] else ""), "",
           f"- train loss: {pt['first_loss']:.3f} at step 1 -> {pt['final_loss']:.3f} at the end",
           f"- validation loss {pt['val_loss']:.3f} nats/token, **{pt['val_bpb']:.3f} bits per byte**",
           f"- {pt['tokens_per_s']:,.0f} tokens/s (median step), MFU {pt['mfu']:.1%}", "",
@@ -363,7 +401,8 @@ def render_report(s: dict) -> str:
           f"| people not in the corpus | {u['documents']} | {u['bits_per_byte']:.3f} | {u['perplexity']:.2f} |", "",
           "The gap between the two rows is what the model knows about the people it read about.", "",
           "## Samples", ""]
-    L += [f"- **{x['prompt']}**{x['completion']}" for x in ev["samples"]]
+    L += ["Sampled at temperature 0.7 after a known person's name (in bold):", ""]
+    L += [f"- **{x['prompt']}**{' '.join(x['completion'].split())}" for x in ev["samples"]]
     L += ["", "## Time per stage", "", "| stage | seconds | throughput |", "|---|---:|---:|"]
     for name, r in s["stages"].items():
         thr = f"{r['throughput']:,.0f} {r['unit']}" if "throughput" in r else ""
@@ -389,9 +428,23 @@ def speedrun(out_dir: str | Path, preset: str = "default", force: bool = False, 
              **overrides) -> Path:
     """Run every stage into `out_dir` and return the path of its report.md. Keyword overrides are
     SpeedrunConfig fields (people=..., max_steps=..., seed=...)."""
+    import torch
+
     cfg = preset_config(preset, **overrides)
     run_dir = Path(out_dir)
     prepare_run_dir(run_dir, force)
+    threads = torch.get_num_threads()
+    auto = not cfg.threads
+    cfg.threads = cfg.threads or auto_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _speedrun(run_dir, preset, cfg, log, auto)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _speedrun(run_dir: Path, preset: str, cfg: SpeedrunConfig, log, auto_threads: bool) -> Path:
+    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     t_start = time.perf_counter()
     stages = Stages(log)
 
@@ -409,6 +462,15 @@ def speedrun(out_dir: str | Path, preset: str = "default", force: bool = False, 
                           val_fraction=0.05, seed=cfg.seed)
     stages.note("pack", sum(manifest["tokens"].values()), "tokens/s")
 
+    planned_steps, step_s = cfg.max_steps, None
+    if cfg.time_budget:
+        step_s = stages.run("trial steps", seconds_per_step, run_dir, cfg)
+        stages.note("trial steps", 4 * cfg.micro_batch * cfg.seq_len, "tokens/s")
+        steps = steps_within_budget(cfg, cfg.time_budget - (time.perf_counter() - t_start), step_s)
+        if steps < cfg.max_steps:
+            log(f"    a step takes {step_s:.2f} s here: {steps} steps instead of {cfg.max_steps} fit the "
+                f"{cfg.time_budget:.0f} s budget")
+            cfg = dataclasses.replace(cfg, max_steps=steps, eval_every=max(1, min(cfg.eval_every, steps // 4)))
     result, tcfg, mcfg = stages.run("pretrain", pretrain_model, run_dir, cfg)
     stages.note("pretrain", result.step * tcfg.tokens_per_step, "tokens/s")
 
@@ -426,7 +488,8 @@ def speedrun(out_dir: str | Path, preset: str = "default", force: bool = False, 
         "run_dir": str(run_dir), "preset": preset, "config": cfg.to_dict(),
         "corpus": clean.to_dict(),
         "tokenizer": tok_stats,
-        "pretrain": {"params": mcfg.n_params(), "steps": result.step, "tokens_per_step": tcfg.tokens_per_step,
+        "pretrain": {"params": mcfg.n_params(), "steps": result.step, "planned_steps": planned_steps,
+                     "trial_seconds_per_step": step_s, "tokens_per_step": tcfg.tokens_per_step,
                      "tokens": tokens, "epochs": tokens / manifest["tokens"]["train"],
                      "data_tokens": manifest["tokens"],
                      "first_loss": train_rows[0]["loss"], "final_loss": train_rows[-1]["loss"],
@@ -436,7 +499,8 @@ def speedrun(out_dir: str | Path, preset: str = "default", force: bool = False, 
         "eval": ev,
         "stages": stages.records,
         "machine": platform.processor() or platform.machine(),
-        "threads": _threads(cfg),
+        "threads": f"{cfg.threads}{' (auto)' if auto_threads else ''}",
+        "load_average_start": load_start,
         "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -453,6 +517,11 @@ def speedrun(out_dir: str | Path, preset: str = "default", force: bool = False, 
     return run_dir / "report.md"
 
 
-def _threads(cfg: SpeedrunConfig) -> int:
+def auto_threads() -> int:
+    """Torch threads for this machine right now: its cores minus those other processes keep busy (1-minute
+    load average), at least 1. Torch's threads wait for each other after every operation, so one thread whose
+    core is taken by another process stalls them all: on 2 shared cores, 2 threads measured 3-5x *slower*
+    than 1."""
     import torch
-    return cfg.threads or torch.get_num_threads()
+    cores = torch.get_num_threads()
+    return max(1, min(cores, cores - round(os.getloadavg()[0])))

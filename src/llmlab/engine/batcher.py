@@ -13,6 +13,7 @@ only through `submit`, `cancel` and `call`, which are thread-safe.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import OrderedDict, deque
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 from llmlab.engine.detokenize import IncrementalText
 from llmlab.engine.sampling import SamplingParams, new_generator, sample_next
 from llmlab.errors import LLMLabError
+
+log = logging.getLogger("llmlab.batcher")
 
 VIEW_ROUNDING = 64  # each step attends over the cache only up to the longest busy row, rounded up to this
 PREFIX_MIN_TOKENS = 32  # shorter shared prefixes are not worth a lookup
@@ -168,11 +171,11 @@ class ContinuousBatcher:
                     break
             try:
                 self.step()
-            except Exception as e:  # a bug must not leave clients waiting forever: fail what is running
+            except Exception as e:  # a bug must not leave clients waiting forever: fail what is running, go on
+                log.exception("batcher step failed")
                 for seq in [s for s in self.rows if s is not None]:
                     seq.request.sink(("error", repr(e)))
                     self._finish(seq, "error")
-                raise
         for seq in [s for s in self.rows if s is not None]:
             self._finish(seq, "cancelled")
 

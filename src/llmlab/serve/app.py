@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmlab.engine import SamplingParams
@@ -65,6 +64,7 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+COUNTED_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/feedback", "/tokenize", "/detokenize"}
 ERRORS = {status: {"model": S.ErrorBody} for status in (400, 401, 404, 408, 413, 429)}
 
 
@@ -138,9 +138,13 @@ def create_app(llm, options: ServerOptions | None = None) -> FastAPI:
             scheme, _, key = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not any(secrets.compare_digest(key.strip(), k)
                                                       for k in options.api_keys):
+                metrics.count_request(request.url.path, 401)
                 return error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                                       "authentication_error", code="invalid_api_key")
-        return await call_next(request)
+        response = await call_next(request)
+        if request.url.path in COUNTED_PATHS:
+            metrics.count_request(request.url.path, response.status_code)
+        return response
 
     # ---- helpers ----------------------------------------------------------------------------------------------
 
@@ -239,7 +243,7 @@ def create_app(llm, options: ServerOptions | None = None) -> FastAPI:
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    async def relay(http: HTTPRequest, jobs, make_chunk, final_chunks, started, endpoint):
+    async def relay(http: HTTPRequest, jobs, make_chunk, final_chunks, started):
         """Server-sent events for running jobs: a chunk per text piece, then the closing chunks and [DONE].
         make_chunk(job index, event) -> chunk dict or None. A client that goes away cancels its jobs."""
         queue: asyncio.Queue = asyncio.Queue()
@@ -284,7 +288,6 @@ def create_app(llm, options: ServerOptions | None = None) -> FastAPI:
                     yield sse(chunk)
             yield "data: [DONE]\n\n"
             metrics.observe("latency", time.monotonic() - started)
-            metrics.count_request(endpoint, 200)
         finally:
             for task in pumps:
                 task.cancel()
@@ -397,7 +400,7 @@ def create_app(llm, options: ServerOptions | None = None) -> FastAPI:
                 u = usage(len(prompt_ids), completion_tokens)
                 return [chunk([], u)] if include_usage else []
 
-            return StreamingResponse(relay(http, [(req, events)], make_chunk, final_chunks, started, "chat"),
+            return StreamingResponse(relay(http, [(req, events)], make_chunk, final_chunks, started),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
         await collect(http, [(req, events)])
@@ -410,7 +413,6 @@ def create_app(llm, options: ServerOptions | None = None) -> FastAPI:
         completion_tokens = sum(s.sampled for s in req.sequences)
         log_request("chat", rid, len(prompt_ids), completion_tokens, started, prompt_text)
         metrics.observe("latency", time.monotonic() - started)
-        metrics.count_request("chat", 200)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": options.model_name,
                 "choices": choices, "usage": usage(len(prompt_ids), completion_tokens)}
 
@@ -509,7 +511,7 @@ def create_app(llm, options: ServerOptions | None = None) -> FastAPI:
                 u = usage(sum(map(len, prompts)) , completion_tokens)
                 return [chunk([], u)] if include_usage else []
 
-            return StreamingResponse(relay(http, jobs, make_chunk, final_chunks, started, "completions"),
+            return StreamingResponse(relay(http, jobs, make_chunk, final_chunks, started),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
         scores = None
@@ -525,7 +527,6 @@ def create_app(llm, options: ServerOptions | None = None) -> FastAPI:
             seqs = next(job_iter)[0].sequences if budgets[j] else [None] * n
             for s in seqs:
                 index = len(choices)
-                gen_ids = s.token_ids if s else []
                 text = s.text.text if s else ""
                 completion_tokens += s.sampled if s else 0
                 prefix = tokenizer.decode(ids) if body.echo else ""
@@ -556,18 +557,10 @@ def create_app(llm, options: ServerOptions | None = None) -> FastAPI:
         prompt_tokens = sum(len(ids) for ids in prompts)
         log_request("completion", rid, prompt_tokens, completion_tokens, started, body.prompt)
         metrics.observe("latency", time.monotonic() - started)
-        metrics.count_request("completions", 200)
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": options.model_name,
                 "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
     # ---- tokenizer endpoints (what lm-evaluation-harness's "remote" tokenizer backend calls) -------------------
-
-    class TokenizeIn(BaseModel):
-        prompt: str = Field(max_length=1_000_000)
-        add_special_tokens: bool = False
-
-    class DetokenizeIn(BaseModel):
-        tokens: list[int] = Field(max_length=1_000_000)
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():
@@ -578,11 +571,11 @@ def create_app(llm, options: ServerOptions | None = None) -> FastAPI:
                 "model_max_length": max_len}
 
     @app.post("/tokenize", responses=ERRORS)
-    async def tokenize(body: TokenizeIn):
+    async def tokenize(body: S.TokenizeIn):
         return {"tokens": tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)}
 
     @app.post("/detokenize", responses=ERRORS)
-    async def detokenize(body: DetokenizeIn):
+    async def detokenize(body: S.DetokenizeIn):
         bad = [t for t in body.tokens if not 0 <= t < tokenizer.vocab_size]
         if bad:
             raise APIError(400, f"token id {bad[0]} is out of range", param="tokens")

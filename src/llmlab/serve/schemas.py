@@ -190,3 +190,12 @@ class FeedbackIn(BaseModel):
 class FeedbackOut(BaseModel):
     id: int
     stored: bool = True
+
+
+class TokenizeIn(BaseModel):
+    prompt: str = Field(max_length=1_000_000)
+    add_special_tokens: bool = False
+
+
+class DetokenizeIn(BaseModel):
+    tokens: list[int] = Field(max_length=1_000_000)

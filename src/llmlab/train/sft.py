@@ -26,13 +26,41 @@ class LoRAConfig:
     targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def hidden_states(model, idx: torch.Tensor) -> torch.Tensor:
+    """The final-norm hidden states (B, T, dim) of a plain causal forward: Transformer.forward without lm_head."""
+    B, T = idx.shape
+    input_pos = torch.arange(T, device=idx.device).expand(B, T)
+    x = model.model.embed_tokens(idx)
+    rope = None
+    if model.config.pos_embedding == "learned":
+        x = x + model.model.embed_positions(input_pos)
+    else:
+        freqs = input_pos[..., None].float() * model.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+    for block in model.model.layers:
+        x = block(x, rope, None, None, input_pos)
+    return model.model.norm(x)
+
+
 def sft_loss(model, batch):
-    """Mean cross-entropy over the assistant tokens of the micro-batch."""
+    """Mean cross-entropy over the assistant tokens of the micro-batch.
+
+    Only positions that carry loss go through lm_head: with assistant-only masks that is a fraction of the
+    tokens, and the (tokens x vocab) logits are the largest activation of a small model. Under DDP the wrapped
+    module must be called as a whole (its forward arms the gradient all-reduce), so there the full logits are used.
+    """
     x, y = batch
     device = model_device(model)
     x, y = x.to(device), y.to(device)
-    logits = model(x)
-    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE)
+    core = model
+    if hasattr(model, "_orig_mod") or hasattr(model, "module") or model.config.n_experts:  # compiled, DDP, MoE
+        logits = model(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE)
+    else:
+        keep = y != IGNORE
+        logits = core.lm_head(hidden_states(core, x)[keep])
+        loss = F.cross_entropy(logits.float(), y[keep])
     return loss, {"loss_tokens": float((y != IGNORE).sum())}
 
 

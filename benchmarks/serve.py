@@ -1,0 +1,223 @@
+"""Serving benchmark: aggregate output tokens/s, p50/p95 time to first token and inter-token latency at 1, 4
+and 16 concurrent streaming clients, for llmlab's server and its peers on the same model:
+
+- transformers' `generate` behind a simple server loop (one request at a time, streamed with TextIteratorStreamer);
+- llama-cpp-python's OpenAI server on the same GGUF, when `llama_cpp` is installed.
+
+Usage: python benchmarks/serve.py [--model smollm2] [--levels 1,4,16] [--requests 2] [--max-tokens 64]
+Writes benchmarks/results/serve.json. Bar: llmlab at 16 clients >= 3x its 1-client tokens/s, and above each peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+PROMPTS = ["Write a short story about a robot.", "Explain how rain forms.", "Describe your favourite city.",
+           "Give me three tips for learning to cook.", "What makes a good friend?", "Tell me about the moon."]
+
+
+async def one_client(base: str, model: str, c: int, requests: int, max_tokens: int, records: list):
+    async with httpx.AsyncClient(base_url=base, timeout=600) as http:
+        for i in range(requests):
+            body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[(c + i) % len(PROMPTS)]}],
+                    "max_tokens": max_tokens, "temperature": 0.7, "seed": c * 1000 + i, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            start = time.perf_counter()
+            times, tokens = [], None
+            async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    if any(ch.get("delta", {}).get("content") for ch in chunk.get("choices", [])):
+                        times.append(time.perf_counter())
+            records.append({"ttft": times[0] - start if times else None,
+                            "itl": [b - a for a, b in zip(times, times[1:])],
+                            "tokens": tokens if tokens is not None else len(times)})
+
+
+def measure(base: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+    records: list = []
+
+    async def main():
+        await asyncio.gather(*(one_client(base, model, c, requests, max_tokens, records) for c in range(clients)))
+
+    start = time.perf_counter()
+    asyncio.run(main())
+    wall = time.perf_counter() - start
+    ttft = sorted(r["ttft"] for r in records if r["ttft"] is not None)
+    itl = sorted(x for r in records for x in r["itl"])
+
+    def pct(xs, p):
+        return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else None
+
+    tokens = sum(r["tokens"] for r in records)
+    return {"clients": clients, "requests": len(records), "output_tokens": tokens, "seconds": round(wall, 2),
+            "tokens_per_s": round(tokens / wall, 2), "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
+            "itl_p50": pct(itl, 0.5), "itl_p95": pct(itl, 0.95),
+            "itl_mean": statistics.fmean(itl) if itl else None}
+
+
+# ---- peers ---------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def transformers_server(gguf: Path):
+    """transformers' generate behind the simplest server: one request at a time, streamed."""
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    lock = threading.Lock()
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict):
+        ids = tok.apply_chat_template(body["messages"], add_generation_prompt=True, return_tensors="pt")
+        if not isinstance(ids, torch.Tensor):
+            ids = ids["input_ids"]
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        count = {"n": 0}
+
+        def run():
+            with lock, torch.no_grad():
+                out = model.generate(ids, max_new_tokens=body["max_tokens"], do_sample=True,
+                                     temperature=body.get("temperature", 1.0), streamer=streamer)
+                count["n"] = out.shape[1] - ids.shape[1]
+
+        thread = threading.Thread(target=run)
+        thread.start()
+
+        async def events():
+            loop = asyncio.get_running_loop()
+            iterator = iter(streamer)
+            while True:
+                piece = await loop.run_in_executor(None, next, iterator, None)
+                if piece is None:
+                    break
+                if piece:
+                    yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': piece}}]})}\n\n"
+            await loop.run_in_executor(None, thread.join)
+            yield f"data: {json.dumps({'choices': [], 'usage': {'completion_tokens': count['n']}})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@contextmanager
+def llama_cpp_server(gguf: Path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+                             "--port", str(port), "--n_ctx", "2048"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(base + "/v1/models").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--levels", default="1,4,16")
+    parser.add_argument("--requests", type=int, default=2, help="requests per client")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--peers", default="transformers,llama_cpp")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+
+    import llmlab
+    from llmlab.checkpoint.registry import resolve
+    from llmlab.io import atomic_write_text
+    from llmlab.serve.testing import running_server
+
+    gguf = Path(resolve(args.model))
+    results = {"model": str(gguf.name), "max_tokens": args.max_tokens, "requests_per_client": args.requests,
+               "servers": {}}
+
+    def run(name, base, model):
+        rows = []
+        for clients in levels:
+            row = measure(base, model, clients, args.requests, args.max_tokens)
+            print(f"{name:>13} clients={clients:>2} tok/s={row['tokens_per_s']:>7} ttft p50={row['ttft_p50']:.3f}s "
+                  f"p95={row['ttft_p95']:.3f}s itl p50={row['itl_p50']:.4f}s p95={row['itl_p95']:.4f}s", flush=True)
+            rows.append(row)
+        results["servers"][name] = rows
+
+    llm = llmlab.load(gguf)
+    with running_server(llm, model_name=args.model, max_batch=max(levels), max_len=1024) as base:
+        run("llmlab", base, args.model)
+    del llm
+    peers = args.peers.split(",")
+    if "transformers" in peers:
+        with transformers_server(gguf) as base:
+            run("transformers", base, args.model)
+    if "llama_cpp" in peers:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("llama-cpp-python is not installed: skipping that peer")
+        else:
+            with llama_cpp_server(gguf) as base:
+                run("llama_cpp", base, args.model)
+
+    ours = {r["clients"]: r["tokens_per_s"] for r in results["servers"]["llmlab"]}
+    top = max(levels)
+    verdict = {"scaling": round(ours[top] / ours[min(levels)], 2),
+               "scaling_bar_met": ours[top] >= 3 * ours[min(levels)],
+               "above_peers": {name: ours[top] > {r["clients"]: r["tokens_per_s"] for r in rows}[top]
+                               for name, rows in results["servers"].items() if name != "llmlab"}}
+    results["verdict"] = verdict
+    print(json.dumps(verdict))
+    atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Chat data (assistant-only masks, packing, bad input) and SFT: learning, exact resume, the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmlab.errors import LLMLabError
+from llmlab.train.chat_data import IGNORE, load_conversations, render_conversation, to_rows
+from llmlab.train.config import TrainConfig
+from llmlab.train.post_commands import main as post_cli
+
+
+def make_tiny_chat_checkpoint(root: Path, seed: int = 0, vocab: int = 400, dim: int = 64) -> Path:
+    """A tiny random Llama with a ChatML BPE tokenizer trained on task texts, saved as an HF directory."""
+    from llmlab.checkpoint.hf import save_hf_dir
+    from llmlab.model import ModelConfig, Transformer
+    from llmlab.tokenizer import Tokenizer
+    from llmlab.tokenizer.train import train_bpe
+    from llmlab.train import tasks
+
+    texts = [m["content"] for r in tasks.sft_conversations(tasks.make_tasks("all", 400, seed=99))
+             for m in r["messages"]]
+    tok_dir = train_bpe(texts, vocab, root / "tok", min_frequency=1)
+    tokenizer = Tokenizer.from_dir(tok_dir)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, dim=dim, n_layers=2, n_heads=4, hidden_dim=128, max_seq_len=256,
+                      eos_token_id=tokenizer.token_to_id("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
+    model = Transformer(cfg).init_weights(seed=seed)
+    return save_hf_dir(model, root / "model", tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    return make_tiny_chat_checkpoint(tmp_path_factory.mktemp("tinychat"))
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tiny_ckpt):
+    from llmlab.tokenizer import Tokenizer
+    return Tokenizer.from_dir(tiny_ckpt)
+
+
+def write_jsonl(path: Path, records, raw_lines=()) -> Path:
+    lines = [json.dumps(r) for r in records] + list(raw_lines)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+CONVO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
+         {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 + 3?"},
+         {"role": "assistant", "content": "It is 6."}]
+
+
+def masked_text(tokenizer, ids, mask, join="|"):
+    """Decode each maximal run of loss-carrying tokens."""
+    runs, cur = [], []
+    for t, m in zip(ids, mask):
+        if m:
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    return join.join(tokenizer.decode(r) for r in runs)
+
+
+def test_mask_covers_exactly_the_assistant_replies(tiny_tok):
+    ids, mask = render_conversation(tiny_tok, CONVO)
+    assert masked_text(tiny_tok, ids, mask) == "4<|im_end|>|It is 6.<|im_end|>"
+    # the whole sequence decodes to the template's rendering: nothing dropped or added
+    assert tiny_tok.decode(ids) == tiny_tok.apply_chat_template(CONVO, add_generation_prompt=False)
+
+
+def test_mask_with_the_smollm2_template(smollm2_gguf):
+    from llmlab.tokenizer import Tokenizer
+    tok = Tokenizer.from_gguf(smollm2_gguf)
+    ids, mask = render_conversation(tok, CONVO)
+    assert masked_text(tok, ids, mask) == "4<|im_end|>|It is 6.<|im_end|>"
+    assert tok.decode(ids) == tok.apply_chat_template(CONVO, add_generation_prompt=False)
+    # the prompt tokens before the first reply are exactly what inference feeds the model
+    prompt = tok.encode(tok.apply_chat_template(CONVO[:2], add_generation_prompt=True))
+    assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)])
+
+
+def test_packing_puts_several_conversations_in_a_row(tiny_tok):
+    from llmlab.train import tasks
+    examples = [render_conversation(tiny_tok, r["messages"])
+                for r in tasks.sft_conversations(tasks.make_tasks("arithmetic", 20, seed=1))]
+    packed = to_rows(examples, 128, pack=True, pad_id=0)
+    unpacked = to_rows(examples, 128, pack=False, pad_id=0)
+    assert len(unpacked) == 20 and len(packed) < 10
+    # the targets carry the same assistant tokens either way, and each is the next input token
+    count = lambda rows: sum(t != IGNORE for _, y in rows for t in y)
+    assert count(packed) == count(unpacked) == sum(sum(m[1:]) for _, m in examples)
+    for x, y in packed:
+        for t in range(len(y) - 1):
+            assert y[t] == IGNORE or y[t] == x[t + 1]
+
+
+def test_bad_jsonl_reports_the_line_and_skip_bad_counts(tmp_path, tiny_tok):
+    good = {"messages": CONVO}
+    path = write_jsonl(tmp_path / "d.jsonl", [good, good], raw_lines=['{"messages": [', json.dumps(good)])
+    with pytest.raises(LLMLabError, match=r"d.jsonl:3: malformed JSON"):
+        load_conversations(path, tiny_tok)
+    examples, bad = load_conversations(path, tiny_tok, skip_bad=True)
+    assert (len(examples), bad) == (3, 1)
+    path = write_jsonl(tmp_path / "n.jsonl", [good, {"messages": CONVO[:2]}])
+    with pytest.raises(LLMLabError, match=r"n.jsonl:2: .*no assistant turn"):
+        load_conversations(path, tiny_tok)
+
+
+def sft_args(ckpt, data, out, *extra):
+    return ["sft", str(ckpt), str(data), "--out-dir", str(out), "--seq-len", "128", "--micro-batch", "4",
+            "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "2", "--no-progress", "--dtype", "float32",
+            "--threads", "1", "--peak-flops", "1e12", *extra]
+
+
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, tiny_ckpt, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": CONVO}], raw_lines=["not json"])
+    assert post_cli(sft_args(tiny_ckpt, data, tmp_path / "o", "--max-steps", "1")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "d.jsonl:2" in err
+    # a tokenizer from another model (a larger vocabulary) is refused
+    other = make_tiny_chat_checkpoint(tmp_path / "other", vocab=600)
+    assert post_cli(sft_args(tiny_ckpt, data, tmp_path / "o", "--tokenizer", str(other), "--skip-bad")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "do not belong together" in err
+
+
+def final_weights(out: Path) -> dict:
+    from llmlab.checkpoint.hf import load_hf_dir
+    return load_hf_dir(out / "model").state_dict()
+
+
+def test_sft_learns_and_resumes_exactly(tmp_path, tiny_ckpt):
+    from llmlab.train import tasks
+    from llmlab.train.loop import read_metrics
+    data = write_jsonl(tmp_path / "d.jsonl", tasks.sft_conversations(tasks.make_tasks("arithmetic", 64, seed=0)))
+    exact = ["--deterministic", "--save-every", "3"]
+    assert post_cli(sft_args(tiny_ckpt, data, tmp_path / "a", "--max-steps", "30", *exact)) == 0
+    losses = [r["loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "loss" in r]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:3]) / 3
+    # 6 steps straight == 3 steps, then resume to 6
+    assert post_cli(sft_args(tiny_ckpt, data, tmp_path / "b", "--max-steps", "6", *exact)) == 0
+    assert post_cli(sft_args(tiny_ckpt, data, tmp_path / "c", "--max-steps", "3", *exact)) == 0
+    assert post_cli(sft_args(tiny_ckpt, data, tmp_path / "c", "--max-steps", "6", "--resume", *exact)) == 0
+    b, c = final_weights(tmp_path / "b"), final_weights(tmp_path / "c")
+    assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_sft_loss_on_loss_positions_only_equals_the_full_forward(tiny_ckpt, tiny_tok):
+    from llmlab.checkpoint.hf import load_hf_dir
+    from llmlab.train import tasks
+    from llmlab.train.chat_data import collate_rows
+    from llmlab.train.sft import sft_loss
+    model = load_hf_dir(tiny_ckpt)
+    examples = [render_conversation(tiny_tok, r["messages"])
+                for r in tasks.sft_conversations(tasks.make_tasks("all", 8, seed=3))]
+    x, y = collate_rows(to_rows(examples, 64, pack=True, pad_id=0))
+    full = torch.nn.functional.cross_entropy(model(x).view(-1, model.config.vocab_size), y.view(-1),
+                                             ignore_index=IGNORE)
+    assert torch.allclose(sft_loss(model, (x, y))[0], full, atol=1e-5)
+
+
+def test_knowledge_experiment_runs_at_tiny_size(tmp_path):
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent.parent / "experiments"))
+    import knowledge_extraction
+    knowledge_extraction.run(people=4, pretrain_steps=2, sft_steps=2, dim=32, layers=1, out=tmp_path)
+    rows = json.loads((tmp_path / "knowledge_extraction.json").read_text())["rows"]
+    assert len(rows) == 2 and all(0 <= r["qa_exact_match_heldout_people"] <= 1 for r in rows)
+    assert (tmp_path / "knowledge_extraction.png").is_file()

@@ -1,0 +1,105 @@
+"""`llmlab speedrun --preset ci` end to end: every stage runs, the report and checkpoint are real and usable."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from llmlab.errors import LLMLabError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """One speedrun through its command (the path a user takes), shared by the tests below."""
+    import argparse
+
+    from llmlab import speedrun_commands
+
+    out = tmp_path_factory.mktemp("speedrun") / "run"
+    parser = argparse.ArgumentParser()
+    speedrun_commands.add_commands(parser.add_subparsers())
+    args = parser.parse_args(["speedrun", "--preset", "ci", "--out", str(out), "--no-progress"])
+    assert args.func(args) == 0
+    return out
+
+
+def test_report_has_every_section(run_dir):
+    report = (run_dir / "report.md").read_text()
+    for section in ("## Settings", "## Data", "## Tokenizer", "## Pretraining", "## Evaluation", "## Samples",
+                    "## Time per stage", "bits per byte"):
+        assert section in report, section
+    for stage in ("corpus", "tokenizer", "pack", "pretrain", "evaluate"):
+        assert f"| {stage} |" in report
+
+
+def test_plots_are_png(run_dir):
+    for png in (run_dir / "pretrain" / "loss.png", run_dir / "stages.png"):
+        data = png.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000, png
+        assert f"]({png.relative_to(run_dir)})" in (run_dir / "report.md").read_text()
+
+
+def test_summary_numbers_are_finite_and_loss_fell(run_dir):
+    s = json.loads((run_dir / "summary.json").read_text())
+    pt = s["pretrain"]
+    for key in ("first_loss", "final_loss", "val_loss", "val_bpb", "tokens_per_s"):
+        assert math.isfinite(pt[key]) and pt[key] > 0, key
+    assert pt["final_loss"] < pt["first_loss"] - 1.0
+    # a model that learned the corpus predicts it far better than uniform over its vocabulary
+    assert pt["val_loss"] < math.log(s["tokenizer"]["vocab_size"]) - 1.0
+    assert pt["steps"] == s["config"]["max_steps"]
+    # the metrics log agrees with the summary
+    rows = [json.loads(l) for l in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows if "loss" in r][-1] == pt["final_loss"]
+    assert s["corpus"]["docs_in"] == s["config"]["people"] * 5
+    assert s["corpus"]["docs_kept"] == s["corpus"]["docs_in"]  # differently worded copies are not near-duplicates
+    assert 1.0 < s["tokenizer"]["bytes_per_token"] < 10.0
+    ev = s["eval"]
+    assert ev["facts"]["probes"] == 6 * s["config"]["eval_people"]
+    assert all(0.0 <= a <= 1.0 for a in ev["facts"]["accuracy"].values())
+    for k in ("heldout_known", "heldout_unseen"):
+        assert math.isfinite(ev[k]["bits_per_byte"]) and ev[k]["bits_per_byte"] > 0
+    for name, stage in s["stages"].items():
+        assert stage["seconds"] >= 0, name
+
+
+def test_checkpoint_loads_in_llmlab_and_transformers(run_dir):
+    import torch
+
+    import llmlab
+
+    llm = llmlab.load(run_dir)  # a run directory resolves to its model/
+    assert llm.path == run_dir / "model"
+    assert llm.tokenizer.chat_template
+    text = llm.generate("Alma", raw=True, temperature=0, max_new_tokens=5)
+    assert isinstance(text, str)
+
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(run_dir / "model")
+    ids = tok("Alma was born in", return_tensors="pt").input_ids
+    assert ids[0].tolist() == llm.tokenizer.encode("Alma was born in")
+    with torch.no_grad():
+        ours = llm.model(ids).float()
+        theirs = hf(ids).logits.float()
+    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-3)
+
+
+def test_chat_answers_on_piped_stdin(run_dir):
+    proc = subprocess.run([sys.executable, "-m", "llmlab.cli", "chat", "--model", str(run_dir), "-n", "8",
+                           "-t", "0"], input="Where was Alma born?\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+
+
+def test_refuses_a_non_empty_run_dir(run_dir, tmp_path):
+    from llmlab.speedrun import speedrun
+
+    with pytest.raises(LLMLabError, match="not empty"):
+        speedrun(run_dir, preset="ci")
+    with pytest.raises(LLMLabError, match="unknown speedrun preset"):
+        speedrun(tmp_path / "x", preset="huge")
