@@ -23,6 +23,7 @@ chat: $(STAMP)
 	$(BIN)/llmlab chat
 
 test: $(STAMP)
+	bash scripts/system-deps.sh  # Debian's chromium, for the web-chat browser test
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -30,14 +30,15 @@ from llmlab.train.sft import pad_id_of, prepare_model  # noqa: E402
 
 
 def run(model_name="smollm2", family="json_format", n_train=256, n_eval=48, rm_steps=40, dpo_steps=30, rl_steps=20,
-        ppo=False, rl_with_rm=False, out="experiments/results/align", threads=1, max_new_tokens=24, seed=0):
+        ppo=False, rl_with_rm=False, out="experiments/results/align", threads=1, max_new_tokens=24, seed=0,
+        prompts_per_step=8, group_size=4, micro_batch=8):
     out = Path(out)
     torch.set_num_threads(threads)
     train_items = tasks.make_tasks(family, n_train, seed=seed)
     eval_items = tasks.make_tasks(family, n_eval, seed=seed + 1)
     train_pairs_raw = tasks.preference_pairs(train_items, seed)
     eval_pairs_raw = tasks.preference_pairs(eval_items, seed + 1)
-    common = dict(seq_len=256, micro_batch=8, eval_every=0, save_every=0, progress=False, threads=threads,
+    common = dict(seq_len=256, micro_batch=micro_batch, eval_every=0, save_every=0, progress=False, threads=threads,
                   peak_flops=1e12, keep_last=1, weight_decay=0.0)
 
     def fresh():
@@ -69,7 +70,7 @@ def run(model_name="smollm2", family="json_format", n_train=256, n_eval=48, rm_s
 
     # DPO
     model, _ = fresh()
-    cfg = TrainConfig(out_dir=str(out / "dpo"), max_steps=dpo_steps, lr=5e-6, min_lr=5e-7, warmup_steps=3, **common)
+    cfg = TrainConfig(out_dir=str(out / "dpo"), max_steps=dpo_steps, lr=1e-5, min_lr=1e-6, warmup_steps=3, **common)
     objective = dpo_objective(model, train_pairs, tokenizer, cfg, beta=0.1)
     reference = Reference(model)
     prepare_model(model, None)
@@ -91,8 +92,8 @@ def run(model_name="smollm2", family="json_format", n_train=256, n_eval=48, rm_s
         model, _ = fresh()
         prepare_model(model, None)
         rl_cfg = RLConfig(algo=algo, out_dir=str(out / (name.split()[0].lower() + ("_rm" if use_rm else ""))),
-                          steps=rl_steps, prompts_per_step=8, group_size=4, max_new_tokens=max_new_tokens,
-                          lr=2e-6, min_lr=2e-7, kl_coef=0.04, minibatch=8, threads=threads, seed=seed)
+                          steps=rl_steps, prompts_per_step=prompts_per_step, group_size=group_size, max_new_tokens=max_new_tokens,
+                          lr=5e-6, min_lr=5e-7, kl_coef=0.04, minibatch=micro_batch, threads=threads, seed=seed)
         res = rl_train(model, tokenizer, train_items, rl_cfg, reward_fn=None if use_rm else tasks.reward,
                        reward_model=reward_model if use_rm else None, check=tasks.check, eval_items=eval_items)
         rm_after = measure(model, tokenizer, reward_model)["rm_score"]
@@ -102,8 +103,8 @@ def run(model_name="smollm2", family="json_format", n_train=256, n_eval=48, rm_s
         print(rows[-1], flush=True)
         del model
     note = (f"{model_name}, task family '{family}': {n_train} training items, {n_eval} held-out items (greedy, exact "
-            f"check); RM {rm_steps} steps, DPO {dpo_steps} steps (beta 0.1), RL {rl_steps} steps of 8 prompts x 4 "
-            "samples; CPU, shared machine")
+            f"check); RM {rm_steps} steps, DPO {dpo_steps} steps (beta 0.1), RL {rl_steps} steps of {prompts_per_step} prompts x "
+            f"{group_size} samples; CPU, shared machine")
     write_results(out, "align", rows, note)
     scored = [r for r in rows if "heldout_score" in r]
     bar_plot(out / "align.png", [r["stage"].split(" (")[0] for r in scored],
@@ -124,7 +125,11 @@ if __name__ == "__main__":
     p.add_argument("--rl-with-rm", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--prompts-per-step", type=int, default=8)
+    p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--out", default="experiments/results/align")
     a = p.parse_args()
     run(a.model, a.family, a.n_train, a.n_eval, a.rm_steps, a.dpo_steps, a.rl_steps, a.ppo, a.rl_with_rm, a.out,
-        a.threads, a.max_new_tokens)
+        a.threads, a.max_new_tokens, prompts_per_step=a.prompts_per_step, group_size=a.group_size,
+        micro_batch=a.micro_batch)

@@ -185,6 +185,7 @@ def add_commands(sub):
 def build_parser() -> Parser:
     from llmlab.checkpoint import commands as checkpoint_commands
     from llmlab.data import commands as data_commands
+    from llmlab.serve import commands as serve_commands
     from llmlab.train import commands as train_commands
 
     parser = Parser(prog="llmlab", description="A hackable toolkit for the whole life of a language model.")
@@ -193,6 +194,7 @@ def build_parser() -> Parser:
     add_commands(sub)
     data_commands.add_commands(sub)
     train_commands.add_commands(sub)
+    serve_commands.add_commands(sub)
     return parser
 
 

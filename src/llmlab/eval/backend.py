@@ -79,6 +79,8 @@ class LocalBackend:
 
     def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[LogLik]:
         import torch
+        if not pairs:
+            return []
         encoded = [self._encode_pair(c, x) for c, x in pairs]
         window = self.llm.engine.context_len
         for ctx, cont in encoded:
@@ -87,102 +89,72 @@ class LocalBackend:
         # keep the most recent context when a pair does not fit the window
         encoded = [(ctx[max(0, len(ctx) + len(cont) - window):], cont) if len(ctx) + len(cont) > window else (ctx, cont)
                    for ctx, cont in encoded]
-        out: list[LogLik | None] = [None] * len(encoded)
-        # choices of one question share their context: run it once, then all continuations from its cache
+        # choices of one question share their context: it is run once into a KV cache, and every continuation
+        # is scored from there; contexts of several questions are run together in one padded batch
         groups: dict[tuple, list[int]] = {}
         for i, (ctx, _) in enumerate(encoded):
             groups.setdefault(tuple(ctx), []).append(i)
-        singles = [g[0] for g in groups.values() if len(g) == 1]
+        jobs = []  # (context, pair indices), at most max_batch continuations each
+        for ctx, members in groups.items():
+            for start in range(0, len(members), self.max_batch):
+                jobs.append((list(ctx), members[start:start + self.max_batch]))
+        jobs.sort(key=lambda j: -len(j[0]))  # similar lengths together: little padding
+        out: list[LogLik | None] = [None] * len(encoded)
         with torch.inference_mode():
-            for ctx, members in groups.items():
-                if len(members) > 1:
-                    for j, s in zip(members, self._score_shared(list(ctx), [encoded[j][1] for j in members])):
-                        out[j] = s
-            # the rest: longest first in right-padded batches, so padding is small
-            order = sorted(singles, key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
-            i = 0
-            while i < len(order):
-                width = len(encoded[order[i]][0]) + len(encoded[order[i]][1])
-                size = max(1, min(self.max_batch, self.batch_tokens // max(width, 1)))
-                batch = order[i:i + size]
-                for j, s in zip(batch, self._score(self.llm.engine, [encoded[j] for j in batch])):
-                    out[j] = s
-                i += size
+            batch, rows, width = [], 0, 0
+            for job in jobs + [None]:  # None: flush the last batch
+                if job is not None:
+                    longest = max(len(encoded[i][1]) for i in job[1])
+                    new_rows, new_width = rows + len(job[1]), max(width, len(job[0]) + longest)
+                    if not batch or (new_rows <= self.max_batch and new_rows * new_width <= self.batch_tokens):
+                        batch.append(job)
+                        rows, width = new_rows, new_width
+                        continue
+                for job_, scores in zip(batch, self._score_jobs(batch, encoded)):
+                    for i, sc in zip(job_[1], scores):
+                        out[i] = sc
+                if job is not None:
+                    batch, rows = [job], len(job[1])
+                    width = len(job[0]) + max(len(encoded[i][1]) for i in job[1])
         return out
 
-    def _score_shared(self, ctx: list[int], conts: list[list[int]]) -> list[LogLik]:
-        """Score several continuations of one context: the context is computed once into a KV cache."""
+    def _score_jobs(self, jobs, encoded) -> list[list[LogLik]]:
+        """One padded forward over the contexts (all but their last token, into a KV cache), then one over
+        every continuation prefixed by its context's last token, from a copy of its context's cache row.
+
+        Padding is harmless: a row's padding lands in cache slots after its real tokens, and each
+        continuation overwrites those slots before attending to them (a query sees only slots <= its position).
+        """
         import torch
         engine = self.llm.engine
-        longest = max(len(c) for c in conts)
-        last, one = engine.prefill(ctx, max_len=len(ctx) + longest)  # logits after the context: (1, V)
-        first = torch.log_softmax(last[0].float(), dim=-1)
-        out = []
-        rows = max(1, self.batch_tokens // max(longest, 1))
-        for start in range(0, len(conts), rows):
-            chunk = conts[start:start + rows]
-            cache = one if len(chunk) == 1 else _dup(one, len(chunk))
-            idx = torch.zeros(len(chunk), longest, dtype=torch.long, device=engine.device)
-            for i, c in enumerate(chunk):
-                idx[i, :len(c)] = torch.tensor(c)
-            pos = (len(ctx) + torch.arange(longest, device=engine.device))[None].expand(len(chunk), -1)
-            logits = engine.model(idx, input_pos=pos, kv_cache=cache) if longest > 1 else None
-            for i, c in enumerate(chunk):
-                targets = torch.tensor(c, device=engine.device)
-                logp = first[None]
-                if len(c) > 1:  # the logits at continuation token t predict token t + 1
-                    logp = torch.cat([logp, torch.log_softmax(logits[i, :len(c) - 1].float(), dim=-1)])
-                lp = logp.gather(-1, targets[:, None])[:, 0]
-                out.append(LogLik(float(lp.sum()), len(c), bool((logp.argmax(-1) == targets).all())))
-        return out
-
-    @staticmethod
-    def _score(engine, pairs) -> list[LogLik]:
-        """engine.score_batch, plus whether each continuation was the greedy one; log-softmax only where needed."""
-        import torch
-        seqs = [list(p) + list(c) for p, c in pairs]
-        width = max(len(s) for s in seqs)
-        idx = torch.zeros(len(seqs), width, dtype=torch.long, device=engine.device)
-        for i, s in enumerate(seqs):
-            idx[i, :len(s)] = torch.tensor(s)
-        logits = engine.model(idx)
-        out = []
-        for i, (prompt, cont) in enumerate(pairs):
-            n = len(prompt)
-            logp = torch.log_softmax(logits[i, n - 1:n - 1 + len(cont)].float(), dim=-1)
-            targets = torch.tensor(cont, device=engine.device)
+        dev = engine.device
+        ctx_len = [len(ctx) for ctx, _ in jobs]
+        conts = [[encoded[i][1] for i in members] for _, members in jobs]
+        longest = max(len(c) for cs in conts for c in cs)
+        T = max(ctx_len) - 1
+        cache = engine.model.new_cache(len(jobs), T + 1 + longest)
+        if T > 0:
+            idx = torch.zeros(len(jobs), T, dtype=torch.long, device=dev)
+            for r, (ctx, _) in enumerate(jobs):
+                idx[r, :len(ctx) - 1] = torch.tensor(ctx[:-1])
+            pos = torch.arange(T, device=dev)[None].expand(len(jobs), -1)
+            engine.model(idx, input_pos=pos, kv_cache=cache, last_only=True)
+        owner = [r for r, cs in enumerate(conts) for _ in cs]
+        cache.reorder(torch.tensor(owner, device=dev))
+        idx = torch.zeros(len(owner), 1 + longest, dtype=torch.long, device=dev)
+        pos = torch.zeros(len(owner), 1 + longest, dtype=torch.long, device=dev)
+        flat = [(r, c) for r, cs in enumerate(conts) for c in cs]
+        for row, (r, c) in enumerate(flat):
+            idx[row, :1 + len(c)] = torch.tensor([jobs[r][0][-1]] + c)
+            pos[row] = ctx_len[r] - 1 + torch.arange(1 + longest, device=dev)
+        logits = engine.model(idx, input_pos=pos, kv_cache=cache)
+        out = [[] for _ in jobs]
+        for row, (r, c) in enumerate(flat):
+            logp = torch.log_softmax(logits[row, :len(c)].float(), dim=-1)  # position t predicts token t + 1
+            targets = torch.tensor(c, device=dev)
             lp = logp.gather(-1, targets[:, None])[:, 0]
-            out.append(LogLik(float(lp.sum()), len(cont), bool((logp.argmax(-1) == targets).all())))
+            out[r].append(LogLik(float(lp.sum()), len(c), bool((logp.argmax(-1) == targets).all())))
         return out
-
-    def generate(self, prompts: list, params: GenParams, chat: bool = True) -> list[Generation]:
-        from llmlab.engine import SamplingParams
-        llm = self.llm
-        sp = SamplingParams(max_new_tokens=params.max_tokens, temperature=params.temperature, stop=list(params.stop),
-                            seed=params.seed, logprobs=params.top_logprobs > 0, top_logprobs=params.top_logprobs)
-        out = []
-        for start in range(0, len(prompts), self.gen_batch):
-            chunk = prompts[start:start + self.gen_batch]
-            ids = [llm.prompt_ids(p, raw=not chat) for p in chunk]
-            ids = [p[-(llm.engine.context_len - params.max_tokens):] for p in ids]  # keep the end of a long prompt
-            for c in llm.engine.generate(ids, sp):
-                g = Generation(c.text, c.prompt_tokens, c.completion_tokens)
-                if c.top_logprobs is not None:
-                    dec = llm.tokenizer.decode
-                    g.tokens = [dec([t]) for t in c.token_ids]
-                    g.top_logprobs = [{dec([t]): lp for t, lp in step.items()} for step in c.top_logprobs]
-                out.append(g)
-        return out
-
-
-def _dup(cache, n: int):
-    """A copy of a batch-1 KV cache with its row repeated n times."""
-    import copy
-    import torch
-    dup = copy.copy(cache)
-    dup.k = [t.expand(n, *t.shape[1:]).clone() for t in cache.k]
-    dup.v = [t.expand(n, *t.shape[1:]).clone() for t in cache.v]
-    return dup
 
 
 # ---- over HTTP -----------------------------------------------------------------------------------------------

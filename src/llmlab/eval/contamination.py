@@ -4,6 +4,7 @@ A model that has seen the item in training continues it verbatim; one that has n
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from llmlab.eval.backend import GenParams, as_backend
@@ -16,9 +17,14 @@ def item_text(item: dict, fields=None) -> str:
     return " ".join(str(item[f]) for f in fields if f in item)
 
 
+def words(text: str) -> list[str]:
+    """Lowercased words without punctuation: 'Monday,' and 'monday' are the same word here."""
+    return re.findall(r"\w+", text.lower())
+
+
 def exact_overlap(generated: str, reference: str) -> float:
     """The fraction of the reference's words reproduced exactly, in order, from its start."""
-    g, r = generated.split(), reference.split()
+    g, r = words(generated), words(reference)
     n = 0
     for a, b in zip(g, r):
         if a != b:
@@ -34,18 +40,18 @@ def check_contamination(backend, texts: list[str], threshold: float = 0.8, out_d
     backend = as_backend(backend)
     prompts, rests = [], []
     for t in texts:
-        words = t.split()
-        half = max(1, len(words) // 2)
-        prompts.append(" ".join(words[:half]))
-        rests.append(" ".join(words[half:]))
+        split = t.split()
+        half = max(1, len(split) // 2)
+        prompts.append(" ".join(split[:half]))
+        rests.append(" ".join(split[half:]))
     out = []
     for p, rest in zip(prompts, rests):  # one at a time: each needs its own length
         n = max_tokens or max(8, backend.count_tokens(" " + rest) + 4)
         out.append(backend.generate([p], GenParams(max_tokens=n, temperature=0.0), chat=False)[0])
     records = []
     for i, (p, rest, g) in enumerate(zip(prompts, rests, out)):
-        cont = " ".join(g.text.split()[:len(rest.split())])
-        ex, fz = exact_overlap(cont, rest), fuzzy_ratio(cont, rest)
+        cont = " ".join(words(g.text)[:len(words(rest))])
+        ex, fz = exact_overlap(cont, rest), fuzzy_ratio(cont, " ".join(words(rest)))
         records.append({"id": i, "prompt": p, "reference": rest, "output": g.text, "exact": ex, "fuzzy": fz,
                         "flagged": fz >= threshold})
     summary = {"n": len(records), "threshold": threshold,

@@ -43,7 +43,7 @@ def haystack(tokenizer_count, n_tokens: int, needle: str, depth: float, seed: in
     while total < n_tokens:
         s = rng.choice(FILLER)
         sentences.append(s)
-        total += tokenizer_count(s) + 1
+        total += tokenizer_count(" " + s)
     at = round(depth * len(sentences))
     sentences.insert(at, needle)
     return " ".join(sentences)

@@ -63,11 +63,22 @@ class TokenBatches:
         self.position, self.epoch, self.micro = state["position"], state["epoch"], state["micro"]
 
 
+def cross_entropy(logits, targets):
+    """Mean next-token loss, computed in fp32: a bf16 log-softmax over a large vocabulary loses too much."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+
+# Eagerly, the fp32 upcast, log-softmax and their backward are five passes over (tokens x vocab) floats, a third
+# of a CPU training step at a 32k vocabulary; compiled, they fuse into about two (measured 3x faster). Used when
+# the model is compiled too (TrainConfig.compile), so eager runs pay no compilation time.
+compiled_cross_entropy = torch.compile(cross_entropy, dynamic=False)
+
+
 def lm_loss(model, batch):
     x, y = batch
     x, y = x.to(model_device(model)), y.to(model_device(model))
     logits = model(x)
-    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+    loss = (compiled_cross_entropy if hasattr(model, "_orig_mod") else cross_entropy)(logits, y)
     aux = getattr(unwrap(model), "aux_loss", None)
     if unwrap(model).config.n_experts:
         return loss + unwrap(model).config.moe_aux_loss_coef * aux, {"aux_loss": aux.item()}
