@@ -116,7 +116,8 @@ def main():
         result[name] = {"tokens_per_s": med, "mfu": fpt * med / peak, "per_round": tps}
     result["ratio_llmlab_over_transformers"] = result["llmlab"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
     # each round's two contenders ran back to back, under about the same load: their ratio is the steadier number
-    result["ratio_median_of_rounds"] = statistics.median(o / t for o, t in zip(times["llmlab"], times["transformers"]))
+    ratios = [o / t for o, t in zip(times["llmlab"], times["transformers"])]
+    result["ratio_median_of_rounds"] = statistics.median(ratios)
     print(f"llmlab       {result['llmlab']['tokens_per_s']:8.0f} tokens/s  MFU {result['llmlab']['mfu']:.1%}")
     print(f"transformers {result['transformers']['tokens_per_s']:8.0f} tokens/s  MFU {result['transformers']['mfu']:.1%}")
     print(f"ratio {result['ratio_llmlab_over_transformers']:.2f}x, per-round median "

@@ -31,7 +31,7 @@ from llmlab.train.sft import pad_id_of, prepare_model  # noqa: E402
 
 def run(model_name="smollm2", family="json_format", n_train=256, n_eval=48, rm_steps=40, dpo_steps=30, rl_steps=20,
         ppo=False, rl_with_rm=False, out="experiments/results/align", threads=1, max_new_tokens=24, seed=0,
-        prompts_per_step=8, group_size=4, micro_batch=8):
+        prompts_per_step=8, group_size=4, micro_batch=8, keep_reward_model=False):
     out = Path(out)
     torch.set_num_threads(threads)
     train_items = tasks.make_tasks(family, n_train, seed=seed)
@@ -105,6 +105,11 @@ def run(model_name="smollm2", family="json_format", n_train=256, n_eval=48, rm_s
     note = (f"{model_name}, task family '{family}': {n_train} training items, {n_eval} held-out items (greedy, exact "
             f"check); RM {rm_steps} steps, DPO {dpo_steps} steps (beta 0.1), RL {rl_steps} steps of {prompts_per_step} prompts x "
             f"{group_size} samples; CPU, shared machine")
+    import shutil
+    for stage in ("rm", "dpo"):  # weights + AdamW state: GBs, not results (metrics.jsonl stays)
+        shutil.rmtree(out / stage / "checkpoints", ignore_errors=True)
+    if not keep_reward_model:
+        shutil.rmtree(out / "reward_model", ignore_errors=True)
     write_results(out, "align", rows, note)
     scored = [r for r in rows if "heldout_score" in r]
     bar_plot(out / "align.png", [r["stage"].split(" (")[0] for r in scored],

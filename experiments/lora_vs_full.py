@@ -51,6 +51,8 @@ def run_mode(args) -> dict:
     t0 = time.perf_counter()
     model = train(model, objective, cfg, resume=True).model
     seconds = time.perf_counter() - t0
+    import shutil
+    shutil.rmtree(Path(cfg.out_dir) / "checkpoints", ignore_errors=True)  # weights + AdamW state: GBs, not results
     return {"mode": "LoRA r16 (all linear)" if lora else "full", "heldout_accuracy": accuracy(model),
             "trainable_params": trainable, "total_params": total, "peak_memory_mb": round(peak_memory_mb()),
             "train_seconds": round(seconds, 1), "steps": args.steps}

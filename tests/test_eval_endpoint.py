@@ -2,7 +2,6 @@
 and bad endpoints: down (retries with backoff, then one clear error; completed items kept, the run resumes)
 or returning errors."""
 
-import json
 import socket
 
 import pytest

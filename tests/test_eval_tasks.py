@@ -159,7 +159,9 @@ def test_bleu_and_rouge_tasks(tmp_path, backend):
         recs = [json.loads(l) for l in (tmp_path / name / "items.jsonl").read_text().splitlines()]
         outs, refs = [r["output"] for r in recs], [r["reference"] for r in recs]
         if name == "bios_facts":
-            assert s["metrics"]["bleu"]["corpus"] == pytest.approx(metrics.bleu(outs, refs)[0])
+            corpus, per_item = metrics.bleu(outs, refs)
+            assert s["metrics"]["bleu"]["corpus"] == pytest.approx(corpus)
+            assert [r["score"] for r in recs] == pytest.approx(per_item)
         else:
             expected = sum(x["rougeL"] for x in metrics.rouge(outs, refs)) / 2
             assert s["metrics"]["rougeL"]["mean"] == pytest.approx(expected)

@@ -55,7 +55,7 @@ def check_pairwise(res):
 
 def test_judge_in_process(llm, tmp_path):
     from llmlab.eval.backend import LocalBackend
-    judge = Judge(LocalBackend(llm), max_tokens=24)
+    judge = Judge(LocalBackend(llm), max_tokens=16)
     res = run_judge(judge, "pointwise", [dict(i) for i in ITEMS], tmp_path / "pw", verbosity=True)
     check_pointwise(res)
     v = res["report"]["verbosity"]
@@ -67,7 +67,7 @@ def test_judge_in_process(llm, tmp_path):
     again = run_judge(judge, "pointwise", [dict(i) for i in ITEMS], tmp_path / "pw")
     assert [r["output"] for r in again["records"]] == [r["output"] for r in res["records"]]
 
-    res = human_agreement(judge, [dict(i) for i in ITEMS], tmp_path / "agree")
+    res = human_agreement(judge, [dict(i) for i in ITEMS], tmp_path / "agree", repeat=False)
     check_pairwise(res)
     a = res["agreement"]
     verdicts = [r["verdict"] for r in res["records"]]

@@ -160,3 +160,15 @@ def test_self_preference_probe():
     assert s["judge_self_win_rate"] == pytest.approx((1 + 1 + 0.5) / 3)
     assert s["human_self_win_rate"] == pytest.approx((0 + 1 + 1) / 3)
     assert s["self_preference"] == pytest.approx(0.5 / 3)
+
+
+def test_leaderboard_plot(tmp_path):
+    from llmlab.eval.judge.ratings import format_leaderboard
+    from llmlab.eval.report import plot_ratings
+    battles = [("A", "B", 1.0)] * 6 + [("A", "B", 0.0)] * 2 + [("B", "C", 1.0)] * 5 + [("B", "C", 0.5)] * 2
+    rows = leaderboard(battles, n_boot=50)
+    assert rows[0]["model"] == "A" and rows[-1]["model"] == "C"
+    assert rows[0]["wins"] == 6 and rows[1]["ties"] == 2
+    assert "| 1 | A |" in format_leaderboard(rows)
+    plot_ratings(rows, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"

@@ -107,3 +107,17 @@ def test_refuses_a_non_empty_run_dir(run_dir, tmp_path):
         speedrun(run_dir, preset="ci")
     with pytest.raises(LLMLabError, match="unknown speedrun preset"):
         speedrun(tmp_path / "x", preset="huge")
+
+
+def test_time_budget_cuts_steps_to_fit():
+    from llmlab.speedrun import preset_config, steps_within_budget
+
+    cfg = preset_config("default")
+    assert steps_within_budget(cfg, cfg.time_budget, 0.001) == cfg.max_steps  # a fast machine runs them all
+    slow = [steps_within_budget(cfg, cfg.time_budget, s) for s in (0.5, 1.0, 2.0, 5.0)]
+    assert slow == sorted(slow, reverse=True) and slow[-1] < cfg.max_steps
+    # what is planned fits what is left of the budget
+    assert all(n * s < cfg.time_budget for n, s in zip(slow, (0.5, 1.0, 2.0, 5.0)))
+    assert steps_within_budget(cfg, 1.0, 100.0) >= 1
+    with pytest.raises(LLMLabError, match="unknown speedrun setting"):
+        preset_config("tiny", layers=3)

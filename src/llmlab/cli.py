@@ -183,17 +183,21 @@ def add_commands(sub):
 
 
 def build_parser() -> Parser:
+    from llmlab import speedrun_commands
     from llmlab.checkpoint import commands as checkpoint_commands
     from llmlab.data import commands as data_commands
     from llmlab.serve import commands as serve_commands
     from llmlab.train import commands as train_commands
+    from llmlab.train import post_commands
 
     parser = Parser(prog="llmlab", description="A hackable toolkit for the whole life of a language model.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     checkpoint_commands.add_commands(sub)
     add_commands(sub)
     data_commands.add_commands(sub)
+    speedrun_commands.add_commands(sub)
     train_commands.add_commands(sub)
+    post_commands.add_commands(sub)
     serve_commands.add_commands(sub)
     return parser
 

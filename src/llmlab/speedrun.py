@@ -23,7 +23,7 @@ import random
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from llmlab.errors import LLMLabError
@@ -76,9 +76,10 @@ class SpeedrunConfig:
 # Budgets measured on a 2-core x86 CPU (see report.md "Time per stage" of a run for the actual numbers).
 PRESETS = {
     # every stage, as small as still means something: the test suite runs it (well under a minute)
+    # (one thread: a model this small gains nothing from two, and tests run side by side)
     "ci": dict(people=40, vocab_size=512, dim=64, n_layers=2, n_heads=4, hidden_dim=172, seq_len=128,
                micro_batch=8, max_steps=60, lr=3e-3, min_lr=3e-4, warmup_steps=10, eval_every=30, eval_people=20,
-               time_budget=0, threads=1),  # one thread: a model this small gains nothing from two, and tests run side by side
+               time_budget=0, threads=1),
     # about 2 minutes: learns the format and some facts
     "tiny": dict(people=200, vocab_size=2048, dim=128, n_layers=4, n_heads=4, hidden_dim=344, seq_len=256,
                  micro_batch=16, max_steps=250, lr=3e-3, min_lr=3e-4, warmup_steps=25, eval_every=50,
@@ -346,8 +347,9 @@ def render_report(s: dict) -> str:
     cfg, c, tk, pt, ev = s["config"], s["corpus"], s["tokenizer"], s["pretrain"], s["eval"]
     L = [f"# llmlab speedrun: {s['run_dir']}", "",
          f"Preset `{s['preset']}`, seed {cfg['seed']}, finished {s['finished']} on {s['machine']} "
-         f"({s['threads']} torch threads, load average {s['load_average_start']} at the start and {s['load_average']} at the end; the machine may be shared, "
-         f"in which case every time below is pessimistic). Total {s['total_seconds']:.0f} s.", "",
+         f"({s['threads']} torch threads; load average {s['load_average_start']} at the start, "
+         f"{s['load_average']} at the end: above 0 the cores were shared with other work and every time below is "
+         f"pessimistic). Total {s['total_seconds']:.0f} s.", "",
          "Talk to the model: `llmlab chat --model " + s["run_dir"] + "` (it is pretrained only: it continues "
          "biographies, it has not been taught to answer).", "",
          "## Settings", "", "| setting | value |", "|---|---|"]
@@ -438,12 +440,12 @@ def speedrun(out_dir: str | Path, preset: str = "default", force: bool = False, 
     cfg.threads = cfg.threads or auto_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _speedrun(run_dir, preset, cfg, log, auto)
+        return _speedrun(run_dir, preset, cfg, log, threads_auto=auto)
     finally:
         torch.set_num_threads(threads)
 
 
-def _speedrun(run_dir: Path, preset: str, cfg: SpeedrunConfig, log, auto_threads: bool) -> Path:
+def _speedrun(run_dir: Path, preset: str, cfg: SpeedrunConfig, log, threads_auto: bool) -> Path:
     load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     t_start = time.perf_counter()
     stages = Stages(log)
@@ -499,7 +501,7 @@ def _speedrun(run_dir: Path, preset: str, cfg: SpeedrunConfig, log, auto_threads
         "eval": ev,
         "stages": stages.records,
         "machine": platform.processor() or platform.machine(),
-        "threads": f"{cfg.threads}{' (auto)' if auto_threads else ''}",
+        "threads": f"{cfg.threads}{' (auto)' if threads_auto else ''}",
         "load_average_start": load_start,
         "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),

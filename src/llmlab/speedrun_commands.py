@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 def cmd_speedrun(args) -> int:
     from llmlab.speedrun import speedrun
 
     overrides = dict(people=args.people, seed=args.seed, max_steps=args.steps, vocab_size=args.vocab_size,
-                     threads=args.threads, progress=args.progress)
-    out = args.out or f"runs/speedrun-{args.preset}"
+                     time_budget=args.time_budget, threads=args.threads, progress=args.progress)
+    out = args.out or ("runs/speedrun" if args.preset == "default" else f"runs/speedrun-{args.preset}")
     report = speedrun(out, preset=args.preset, force=args.force, **overrides)
     print(f"report: {report}")
     return 0
@@ -20,18 +22,18 @@ def add_commands(subparsers):
     p = subparsers.add_parser("speedrun", help="build the bios corpus, train a tokenizer, pretrain, evaluate and "
                               "write a report (default: at most 15 minutes on a 2-core CPU)")
     p.add_argument("--preset", choices=list(PRESETS), default="default",
-                   help="default (<= 15 min), tiny (~2 min) or ci (under a minute, for tests)")
-    p.add_argument("--out", default=None, help="run directory (default runs/speedrun-PRESET); must be empty")
+                   help="default (<= 15 min), tiny (~2 min) or ci (well under a minute, for tests)")
+    p.add_argument("--out", default=None, help="run directory (default runs/speedrun, runs/speedrun-PRESET for the others); "
+                   "must be empty")
     p.add_argument("--force", action="store_true", help="replace a non-empty run directory")
     p.add_argument("--people", type=int, default=None, help="people in the bios world (overrides the preset)")
-    p.add_argument("--steps", type=int, default=None, help="pretraining steps (overrides the preset)")
+    p.add_argument("--steps", type=int, default=None, help="most pretraining steps (overrides the preset)")
     p.add_argument("--vocab-size", type=int, default=None, help="tokenizer vocabulary (overrides the preset)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the whole run; fewer steps are trained if a trial step says they would not "
+                        "fit (0: no budget; default from the preset)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--progress", action=argparse_bool(), default=True, help="progress bar while pretraining")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores not busy)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress bar while pretraining")
     p.set_defaults(func=cmd_speedrun)
-
-
-def argparse_bool():
-    import argparse
-    return argparse.BooleanOptionalAction

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from llmlab.errors import LLMLabError
@@ -157,6 +158,26 @@ class LocalBackend:
         return out
 
 
+    def generate(self, prompts: list, params: GenParams, chat: bool = True) -> list[Generation]:
+        from llmlab.engine import SamplingParams
+        llm = self.llm
+        sp = SamplingParams(max_new_tokens=params.max_tokens, temperature=params.temperature, stop=list(params.stop),
+                            seed=params.seed, logprobs=params.top_logprobs > 0, top_logprobs=params.top_logprobs)
+        out = []
+        for start in range(0, len(prompts), self.gen_batch):
+            chunk = prompts[start:start + self.gen_batch]
+            ids = [llm.prompt_ids(p, raw=not chat) for p in chunk]
+            ids = [p[-(llm.engine.context_len - params.max_tokens):] for p in ids]  # keep the end of a long prompt
+            for c in llm.engine.generate(ids, sp):
+                g = Generation(c.text, c.prompt_tokens, c.completion_tokens)
+                if c.top_logprobs is not None:
+                    dec = llm.tokenizer.decode
+                    g.tokens = [dec([t]) for t in c.token_ids]
+                    g.top_logprobs = [{dec([t]): lp for t, lp in step.items()} for step in c.top_logprobs]
+                out.append(g)
+        return out
+
+
 # ---- over HTTP -----------------------------------------------------------------------------------------------
 
 
@@ -287,4 +308,6 @@ def as_backend(x) -> Backend:
         return x
     if hasattr(x, "engine"):
         return LocalBackend(x)
-    return make_backend(model=x)
+    if isinstance(x, (str, Path)):
+        return make_backend(model=str(x))
+    raise LLMLabError(f"cannot evaluate a {type(x).__name__}: give a Backend, an llmlab LLM or a model name")

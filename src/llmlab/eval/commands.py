@@ -158,6 +158,10 @@ def cmd_judge(args) -> int:
         if len(answers) < 2:
             raise LLMLabError("ratings need at least two models (--answers-of NAME=FILE twice or more)")
         res = run.ratings(judge, questions, answers, **common)
+        if res["leaderboard"] is None:
+            print("no verdict could be parsed: no ratings")
+            _print_result(res)
+            return 1
         print(format_leaderboard(res["leaderboard"]))
         _print_result(res)
     elif args.action == "agreement":

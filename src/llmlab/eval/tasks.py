@@ -8,7 +8,6 @@ import importlib.util
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,8 +315,11 @@ class ItemScorer:
                    "tokens": (g.prompt_tokens or backend.count_tokens(prompt)) + g.completion_tokens}
             ref = t.render(t.target, it) if t.target else None
             rec["reference"] = ref
-            if t.type in ("bleu", "rouge"):
-                pass  # scored over the whole run in summarize_task
+            if t.type == "bleu":  # sentence BLEU per item; corpus BLEU over the run in summarize_task
+                rec["score"] = metrics.bleu([g.text], [ref])[1][0]
+            elif t.type == "rouge":
+                rec["rouge"] = metrics.rouge([g.text], [ref])[0]
+                rec["score"] = rec["rouge"]["rougeL"]
             elif t.scorer == "exact_match":
                 rec["score"] = metrics.exact_match(g.text, ref)
             elif t.scorer == "contains":
@@ -359,16 +361,11 @@ def summarize_task(task: Task, records: list[dict], backend) -> dict:
                               "ci95": sorted([-hi / math.log(2), -lo / math.log(2)]), "n": len(records)}
         m["tokens_scored"] = total_t
     elif task.type == "bleu":
-        corpus, per_item = metrics.bleu([r["output"] for r in records], [r["reference"] for r in records])
-        for r, s in zip(records, per_item):
-            r["score"] = s
-        m["bleu"] = {"corpus": corpus, **metrics.summarize(per_item)}
+        corpus, _ = metrics.bleu([r["output"] for r in records], [r["reference"] for r in records])
+        m["bleu"] = {"corpus": corpus, **metrics.summarize([r["score"] for r in records])}
     elif task.type == "rouge":
-        scores = metrics.rouge([r["output"] for r in records], [r["reference"] for r in records])
-        for r, s in zip(records, scores):
-            r["score"] = s["rougeL"]
         for k in ("rouge1", "rouge2", "rougeL"):
-            m[k] = metrics.summarize([s[k] for s in scores])
+            m[k] = metrics.summarize([r["rouge"][k] for r in records])
     else:
         m[task.scorer] = metrics.summarize([r["score"] for r in records])
     return summary

@@ -1,4 +1,4 @@
-"""CLI commands for post-training: `llmlab sft`, `merge`, `reward`, `dpo`, `rl` and `tasks` (write task data)."""
+"""CLI commands for post-training: `llmlab sft`, `merge`, `reward`, `dpo`, `rl` and `task-data` (write task-family JSONL)."""
 
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def add_commands(subparsers):
     add_lora_flags(p)
     p.set_defaults(func=cmd_rl)
 
-    p = subparsers.add_parser("tasks", help="write task-family data: SFT conversations, preference pairs or items")
+    p = subparsers.add_parser("task-data", help="write task-family data: SFT conversations, preference pairs or items")
     p.add_argument("family", help="arithmetic, count_letters, json_format, sort_list or all")
     p.add_argument("--kind", choices=["sft", "pairs", "items"], default="sft")
     p.add_argument("-n", type=int, default=1000)

@@ -120,6 +120,9 @@ def ratings(judge: Judge, questions: list[str], answers: dict[str, list[str]], o
     """Bradley-Terry leaderboard of several models from pairwise judgments of all pairs on all questions."""
     res = run_judge(judge, "pairwise", tournament_items(questions, answers), out_dir, repeat=repeat, **kw)
     battles = rt.battles_from_records(res["records"])
+    if not battles:  # every judgment failed to parse: the self-report says so, there is nothing to rate
+        res["leaderboard"] = None
+        return res
     res["leaderboard"] = rt.leaderboard(battles, n_boot=n_boot)
     if out_dir:
         atomic_write_text(Path(out_dir) / "leaderboard.json", json.dumps(res["leaderboard"], indent=2) + "\n")

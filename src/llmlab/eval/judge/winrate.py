@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 
-from llmlab.errors import LLMLabError
 from llmlab.eval.metrics import bootstrap_ci
 
 
