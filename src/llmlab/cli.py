@@ -186,6 +186,7 @@ def build_parser() -> Parser:
     from llmlab import speedrun_commands
     from llmlab.checkpoint import commands as checkpoint_commands
     from llmlab.data import commands as data_commands
+    from llmlab.eval import commands as eval_commands
     from llmlab.serve import commands as serve_commands
     from llmlab.train import commands as train_commands
     from llmlab.train import post_commands
@@ -199,6 +200,7 @@ def build_parser() -> Parser:
     train_commands.add_commands(sub)
     post_commands.add_commands(sub)
     serve_commands.add_commands(sub)
+    eval_commands.add_commands(sub)
     return parser
 
 
