@@ -298,6 +298,9 @@ def test_smollm2_greedy_tokens_match_transformers(smol_pair, question):
     (model, tok, _), hf = smol_pair
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": question}]))
     ours = Engine(model, tok).generate([ids], SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True))[0]
-    theirs = hf.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                         pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
-    assert ours.token_ids == theirs
+    # transformers' greedy choice, step by step (generate() would stop at, or with min_new_tokens suppress, EOS)
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(32):
+            seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert ours.token_ids == seq[len(ids):]
