@@ -170,7 +170,7 @@ def main():
     ref = table.get("transformers fp32")
     print(f"\nSmolLM2-135M, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, batch 1, greedy, "
           f"{os.cpu_count()} cores\n")
-    print(f"| engine | prefill tok/s | decode tok/s | decode vs transformers fp32 | peak RSS MiB | warm-up s |")
+    print("| engine | prefill tok/s | decode tok/s | decode vs transformers fp32 | peak RSS MiB | warm-up s |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, row in table.items():
         ratio = f"{row['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref else "-"

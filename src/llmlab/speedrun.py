@@ -359,7 +359,7 @@ def render_report(s: dict) -> str:
           f"worded biographies per person, sentences shuffled, full names instead of pronouns ({AUGMENT}).", "",
           f"- documents in: {c['docs_in']} ({c['bytes_in']:,} bytes); kept: {c['docs_kept']} "
           f"({c['bytes_kept']:,} bytes)",
-          f"- removed: " + (", ".join(f"{k} {v['docs']}" for k, v in c["removed"].items()) or "none")
+          "- removed: " + (", ".join(f"{k} {v['docs']}" for k, v in c["removed"].items()) or "none")
           + " (exact + near-duplicate detection on; the web-text quality rules are off for synthetic text)",
           f"- packed tokens: {pt['data_tokens']['train']:,} train, {pt['data_tokens']['val']:,} validation",
           "- full cleaning report: `corpus/report.md`", "",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llmlab.errors import LLMLabError
-from llmlab.io import atomic_write_text, new_temp_dir, replace_dir
+from llmlab.io import new_temp_dir, replace_dir
 from llmlab.model.config import ModelConfig
 from llmlab.model.transformer import Transformer, rope_inv_freq
 
@@ -248,22 +249,26 @@ def save_hf_dir(model: Transformer, path: str | Path, dtype: str | torch.dtype =
     hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     sd = to_hf_names({k: v.detach() for k, v in model.state_dict().items()}, cfg)
     sd = {k: v.to("cpu", dtype).contiguous() for k, v in sd.items()}
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+    gen.update(generation_config or {})
+    return write_checkpoint_dir(path, sd, hf_cfg, tokenizer, {"generation_config.json": gen})
+
+
+def write_checkpoint_dir(path: str | Path, tensors: dict[str, torch.Tensor], hf_config: dict, tokenizer=None,
+                         json_files: dict[str, dict] | None = None) -> Path:
+    """Write model.safetensors, config.json, extra JSON files and the tokenizer into a temporary directory,
+    then move it over `path`: a crash leaves the old checkpoint (or none), never half of one."""
+    path = Path(path)
     tmp = new_temp_dir(path)
     try:
-        save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
-        gen.update(generation_config or {})
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        for name, obj in (json_files or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
         replace_dir(tmp, path)
     except BaseException:
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")

@@ -74,10 +74,15 @@ def add_commands(subparsers):
 
 def main(argv=None) -> int:
     """Stand-alone entry (python -m llmlab.train.commands ...), e.g. under torchrun."""
+    return run_standalone(add_commands, argv)
+
+
+def run_standalone(add, argv=None) -> int:
+    """Parse and run the commands that `add` registers, without importing the whole CLI (torchrun ranks)."""
     from llmlab.errors import LLMLabError
 
     parser = argparse.ArgumentParser(prog="llmlab")
-    add_commands(parser.add_subparsers(dest="command", required=True))
+    add(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -162,15 +162,8 @@ def add_commands(subparsers):
 
 def main(argv=None) -> int:
     """Stand-alone entry (python -m llmlab.train.post_commands ...), e.g. under torchrun."""
-    from llmlab.errors import LLMLabError
-    parser = argparse.ArgumentParser(prog="llmlab")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except LLMLabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    from llmlab.train.commands import run_standalone
+    return run_standalone(add_commands, argv)
 
 
 if __name__ == "__main__":

@@ -14,18 +14,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from llmlab.checkpoint.hf import from_hf_names, read_safetensors, safetensors_files
+from llmlab.checkpoint.hf import from_hf_names, read_safetensors, safetensors_files, write_checkpoint_dir
 from llmlab.errors import LLMLabError
-from llmlab.io import new_temp_dir, replace_dir
 from llmlab.model.config import ModelConfig
 from llmlab.model.transformer import Transformer, rope_inv_freq
 from llmlab.train import distributed as D
 from llmlab.train.chat_data import RowBatches, collate_pairs, load_pairs, pair_rows, render_prompt, render_reply
 from llmlab.train.config import TrainConfig
 from llmlab.train.loop import Objective, train
-from llmlab.train.pretrain import model_device, unwrap
+from llmlab.train.pretrain import model_device
 from llmlab.train.sft import load_base, pad_id_of, peak_memory_mb
 
 
@@ -99,19 +97,7 @@ def save_reward_model(model: Transformer, path: str | Path, tokenizer=None, pad_
     # llmlab names are Llama names: the backbone needs no renaming
     sd = {k: v.to("cpu", torch.float32).contiguous() for k, v in sd.items()}
     sd["score.weight"] = score.to("cpu", torch.float32).contiguous()
-    path = Path(path)
-    tmp = new_temp_dir(path)
-    try:
-        save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        replace_dir(tmp, path)
-    except BaseException:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return write_checkpoint_dir(path, sd, hf, tokenizer)
 
 
 class RewardModel:
