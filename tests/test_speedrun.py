@@ -1,4 +1,5 @@
-"""`llmlab speedrun --preset ci` end to end: every stage runs, the report and checkpoint are real and usable."""
+"""`llmlab speedrun --preset ci` end to end: every stage runs (pretraining, SFT, DPO), the report and the
+checkpoints are real and usable."""
 
 import json
 import math
@@ -29,10 +30,12 @@ def run_dir(tmp_path_factory):
 def test_report_has_every_section(run_dir):
     report = (run_dir / "report.md").read_text()
     for section in ("## Settings", "## Data", "## Tokenizer", "## Pretraining", "## Evaluation", "## Samples",
-                    "## Time per stage", "bits per byte"):
+                    "## Post-training: SFT and DPO", "## Time per stage", "bits per byte"):
         assert section in report, section
-    for stage in ("corpus", "tokenizer", "pack", "pretrain", "evaluate"):
+    for stage in ("corpus", "tokenizer", "pack", "pretrain", "evaluate", "sft", "dpo", "evaluate QA"):
         assert f"| {stage} |" in report
+    for stage in ("pretrain", "sft", "dpo"):  # the before/after table has a row per checkpoint
+        assert f"| {stage} (`{stage}/model`) |" in report
 
 
 def test_plots_are_png(run_dir):
@@ -88,6 +91,53 @@ def test_checkpoint_loads_in_llmlab_and_transformers(run_dir):
     torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-3)
 
 
+def test_post_training_stages_report_real_numbers(run_dir):
+    s = json.loads((run_dir / "summary.json").read_text())
+    post = s["post_training"]
+    rows = post["rows"]
+    assert [r["stage"] for r in rows] == ["pretrain", "sft", "dpo"]
+    for r in rows:
+        for key in ("qa_trained", "right_kind", "qa_heldout"):
+            assert 0.0 <= r[key] <= 1.0, (r["stage"], key)
+    sft, dpo = post["sft"], post["dpo"]
+    assert sft["steps"] == s["config"]["sft_steps"] and dpo["steps"] == s["config"]["dpo_steps"]
+    assert sft["conversations"] == 6 * s["config"]["people"] // 2 and dpo["pairs"] == sft["conversations"]
+    for key in ("first_loss", "final_loss"):
+        assert math.isfinite(sft[key]) and math.isfinite(dpo[key]), key
+    assert sft["final_loss"] < sft["first_loss"] - 0.5  # answer tokens: a large effect even at ci size
+    # the numbers chain: held-out QA before SFT / after SFT / after DPO, and the SFT checkpoint DPO starts from
+    # (reloaded from disk) answers exactly as the model SFT ended with
+    assert (rows[0]["qa_heldout"], rows[1]["qa_heldout"], rows[2]["qa_heldout"]) == (
+        sft["before"], sft["after"], dpo["after"])
+    assert dpo["before"] == sft["after"]
+    # at DPO's first step the policy is its reference: every margin is 0, the loss is log 2
+    assert dpo["first_loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert math.isfinite(dpo["kl"])
+    for split in ("train_pairs", "heldout_pairs"):
+        assert 0.0 <= dpo[split]["accuracy"] <= 1.0 and math.isfinite(dpo[split]["margin"]), split
+    # DPO trained on these pairs (over an epoch at ci size): its implicit reward ranks them better than chance
+    assert dpo["train_pairs"]["margin"] > 0 and dpo["train_pairs"]["accuracy"] > 0.5
+    logged = [json.loads(l) for l in (run_dir / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert all("reward_accuracy" in r and "reward_margin" in r for r in logged if "loss" in r)
+
+
+def test_every_stage_checkpoint_loads(run_dir):
+    import torch
+
+    from llmlab.checkpoint.hf import load_hf_dir
+
+    models = {stage: load_hf_dir(run_dir / stage / "model") for stage in ("pretrain", "sft", "dpo")}
+    final = load_hf_dir(run_dir / "model")
+    for name, p in final.state_dict().items():  # the run's model is the last stage's
+        assert torch.equal(p, models["dpo"].state_dict()[name]), name
+    # each stage changed the weights it started from
+    for before, after in (("pretrain", "sft"), ("sft", "dpo")):
+        a, b = models[before].state_dict(), models[after].state_dict()
+        assert any(not torch.equal(a[k], b[k]) for k in a), (before, after)
+    for stage in ("pretrain", "sft", "dpo"):
+        assert (run_dir / stage / "model" / "tokenizer.json").is_file(), stage
+
+
 def test_chat_answers_on_piped_stdin(run_dir, monkeypatch, capsys):
     """`llmlab chat --model RUN_DIR` with a message piped in (in-process: a subprocess only adds import time)."""
     import io
@@ -119,5 +169,7 @@ def test_time_budget_cuts_steps_to_fit():
     # what is planned fits what is left of the budget
     assert all(n * s < cfg.time_budget for n, s in zip(slow, (0.5, 1.0, 2.0, 5.0)))
     assert steps_within_budget(cfg, 1.0, 100.0) >= 1
+    # SFT and DPO, after pretraining, fit too
+    assert all((n + cfg.sft_steps + cfg.dpo_steps) * s < cfg.time_budget for n, s in zip(slow, (0.5, 1.0, 2.0)))
     with pytest.raises(LLMLabError, match="unknown speedrun setting"):
         preset_config("tiny", layers=3)

@@ -1,14 +1,19 @@
-"""The speedrun: corpus -> tokenizer -> shards -> pretraining -> evaluation -> report, in one timed run directory.
+"""The speedrun: corpus -> tokenizer -> shards -> pretraining -> evaluation -> SFT -> DPO -> report, in one timed
+run directory.
 
 On the built-in bios world (fictional people with six facts each, knowledge-augmented biographies) so that a
-model small enough for a laptop CPU can learn something checkable: whether it stored each person's facts.
+model small enough for a laptop CPU can learn something checkable: whether it stored each person's facts, and
+whether finetuning teaches it to answer questions about them (Physics of Language Models 3.1: SFT on the QA of
+half of the people, exact match on the other, held-out half).
 
 RUN_DIR layout when it finishes:
     corpus/      world/ (people, QA), raw.jsonl, clean.jsonl, report.{md,json} of the cleaning pipeline
     tokenizer/   the trained byte-level BPE (tokenizer.json, tokenizer_config.json with the ChatML template)
     shards/      packed train/val tokens and their manifest
-    pretrain/    metrics.jsonl, loss.png, checkpoints/ (resumable with `llmlab pretrain --resume`)
-    model/       the final model, a Hugging Face directory: `llmlab chat --model RUN_DIR` talks to it
+    pretrain/    metrics.jsonl, loss.png, checkpoints/ (resumable with `llmlab pretrain --resume`), model/
+    sft/         SFT on the QA conversations of the training people: metrics.jsonl, checkpoints/, model/
+    dpo/         DPO on (correct, subtly wrong) answers of the same people: metrics.jsonl, checkpoints/, model/
+    model/       the final model (a copy of dpo/model), a Hugging Face directory: `llmlab chat --model RUN_DIR`
     stages.png, summary.json, report.md   written last; report.md exists only when the whole run finished
 """
 
@@ -66,7 +71,13 @@ class SpeedrunConfig:
     eval_every: int = 100
     threads: int = 0  # 0: auto, the cores not already busy (see auto_threads)
     # evaluation
-    eval_people: int = 100  # people probed for facts / whose held-out biographies are scored
+    eval_people: int = 100  # people probed for facts / whose held-out biographies are scored / asked questions
+    # post-training on bios QA: SFT on the training people's questions, then DPO on correct vs. wrong answers
+    sft_steps: int = 100  # ~8 epochs of the training people's questions
+    sft_lr: float = 2e-3
+    dpo_steps: int = 60
+    dpo_lr: float = 3e-5
+    dpo_beta: float = 0.1
     progress: bool = True
 
     def to_dict(self) -> dict:
@@ -79,11 +90,11 @@ PRESETS = {
     # (one thread: a model this small gains nothing from two, and tests run side by side)
     "ci": dict(people=40, vocab_size=512, dim=64, n_layers=2, n_heads=4, hidden_dim=172, seq_len=128,
                micro_batch=8, max_steps=60, lr=3e-3, min_lr=3e-4, warmup_steps=10, eval_every=30, eval_people=20,
-               time_budget=0, threads=1),
-    # about 2 minutes: learns the format and some facts
+               sft_steps=40, sft_lr=3e-3, dpo_steps=20, time_budget=0, threads=1),
+    # about 3 minutes: learns the format and some facts
     "tiny": dict(people=200, vocab_size=2048, dim=128, n_layers=4, n_heads=4, hidden_dim=344, seq_len=256,
                  micro_batch=16, max_steps=250, lr=3e-3, min_lr=3e-4, warmup_steps=25, eval_every=50,
-                 eval_people=60, time_budget=150),
+                 eval_people=60, sft_steps=80, sft_lr=3e-3, dpo_steps=40, time_budget=210),
     # at most 15 minutes: a 4M-parameter model that stores a good part of the facts
     "default": dict(),  # 800 steps: see SpeedrunConfig
 }
@@ -211,8 +222,9 @@ def seconds_per_step(run_dir: Path, cfg: SpeedrunConfig, trials: int = 3) -> flo
 
 def steps_within_budget(cfg: SpeedrunConfig, seconds_left: float, step_seconds: float) -> int:
     """How many steps fit in what is left of the budget: ~10% goes to evaluations and checkpoints during
-    training, and a fixed reserve to the evaluation stage and the report."""
-    reserve = 10 + 0.05 * cfg.time_budget
+    training, a fixed reserve to the evaluation stages and the report, and to SFT and DPO as many pretraining
+    steps as they take steps (a pessimistic bound: their rows are shorter or only partly carry loss)."""
+    reserve = 10 + 0.05 * cfg.time_budget + (cfg.sft_steps + cfg.dpo_steps) * step_seconds
     return max(10, min(cfg.max_steps, int(0.9 * (seconds_left - reserve) / step_seconds)))
 
 
@@ -232,7 +244,6 @@ def pretrain_model(run_dir: Path, cfg: SpeedrunConfig):
     result, final = pretrain(run_dir / "shards", tcfg, mcfg, tokenizer_dir=run_dir / "tokenizer")
     if result.interrupted or final is None:
         raise LLMLabError(f"pretraining was interrupted; its checkpoint is in {run_dir / 'pretrain'}")
-    os.replace(final, run_dir / "model")  # RUN_DIR/model is the run's model, whatever stage made it last
     return result, tcfg, mcfg
 
 
@@ -301,10 +312,10 @@ def sample_texts(llm, world, people_idx: list[int], seed: int) -> list[dict]:
     return [{"prompt": p, "completion": c.text} for p, c in zip(prompts, done)]
 
 
-def evaluate(run_dir: Path, cfg: SpeedrunConfig, world) -> dict:
+def evaluate(model_dir: Path, cfg: SpeedrunConfig, world) -> dict:
     from llmlab.api import load
 
-    llm = load(run_dir / "model")
+    llm = load(model_dir)
     llm.model.eval()
     rng = random.Random(cfg.seed)
     people_idx = sorted(rng.sample(range(len(world.people)), min(cfg.eval_people, len(world.people))))
@@ -315,6 +326,133 @@ def evaluate(run_dir: Path, cfg: SpeedrunConfig, world) -> dict:
     unseen = bits_per_byte(llm, unseen_biographies(cfg, len(people_idx)))
     return {"facts": facts, "heldout_known": known, "heldout_unseen": unseen,
             "samples": sample_texts(llm, world, people_idx, cfg.seed)}
+
+
+# ----------------------------------------------------------------------------- post-training on bios QA
+
+QA_TOKENS = 32  # the longest answer, a university name, is 22 tokens in the ci preset's 512-token vocabulary
+
+
+def qa_items(world, split: str, n_people: int) -> list[dict]:
+    """The QA items (6 questions each) of the first n_people people of a split ("train": SFT'd; "test": held out)."""
+    from llmlab.train.tasks import bios_qa_items
+    return bios_qa_items(world, split)[:6 * n_people]
+
+
+def qa_preference_pairs(world, items: list[dict], seed: int) -> list[dict]:
+    """{"messages", "chosen", "rejected"}: the correct answer against a plausible wrong one, another person's
+    value of the same attribute (the right kind of answer, so only knowing the person tells them apart)."""
+    rng = random.Random(f"pairs/{seed}")
+    values = {a: sorted({getattr(p, a) for p in world.people}) for a in PROBES}
+    pairs = []
+    for it in items:
+        others = [v for v in values[it["attribute"]] if v != it["answer"]]
+        if others:
+            pairs.append({"messages": it["messages"], "chosen": it["answer"], "rejected": rng.choice(others)})
+    return pairs
+
+
+def finetune_config(out_dir: Path, cfg: SpeedrunConfig, steps: int, lr: float, dtype: str):
+    from llmlab.train.config import TrainConfig
+    return TrainConfig(out_dir=str(out_dir), seed=cfg.seed, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch,
+                       max_steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 10), weight_decay=0.0,
+                       eval_every=0, log_every=1, save_every=0, keep_last=1, progress=cfg.progress,
+                       threads=cfg.threads, dtype=dtype)
+
+
+def sft_model(run_dir: Path, cfg: SpeedrunConfig, world, heldout: list[dict]) -> dict:
+    """SFT the pretrained model on every question about the training people (answers only carry loss);
+    exact match on the held-out people before and after, and the loss curve's ends."""
+    from llmlab.train import tasks
+    from llmlab.train.loop import read_metrics
+    from llmlab.train.sft import sft_stage
+
+    train_items = tasks.bios_qa_items(world, "train")
+    conversations = [r["messages"] for r in tasks.sft_conversations(train_items)]
+    tcfg = finetune_config(run_dir / "sft", cfg, cfg.sft_steps, cfg.sft_lr, "bfloat16")
+    out = sft_stage(run_dir / "pretrain" / "model", conversations, heldout, tcfg, check=tasks.check,
+                    max_new_tokens=QA_TOKENS)
+    losses = [r["loss"] for r in read_metrics(run_dir / "sft" / "metrics.jsonl") if "loss" in r]
+    out.update(conversations=len(conversations), tokens=out["steps"] * tcfg.tokens_per_step,
+               first_loss=losses[0], final_loss=losses[-1])
+    return out
+
+
+def dpo_model(run_dir: Path, cfg: SpeedrunConfig, world, heldout: list[dict]) -> dict:
+    """DPO from the SFT model (also the reference) on pairs for the training people; exact match on the held-out
+    people before and after, the KL to the reference, and the implicit reward on training and held-out pairs."""
+    from llmlab.train import tasks
+    from llmlab.train.dpo import dpo_stage
+    from llmlab.train.loop import read_metrics
+
+    pairs = qa_preference_pairs(world, tasks.bios_qa_items(world, "train"), cfg.seed)
+    # float32: the reference log-probabilities are, and at step 1 the policy's must equal them (margin 0)
+    tcfg = finetune_config(run_dir / "dpo", cfg, cfg.dpo_steps, cfg.dpo_lr, "float32")
+    out = dpo_stage(run_dir / "sft" / "model", pairs, heldout, tcfg, check=tasks.check, beta=cfg.dpo_beta,
+                    max_new_tokens=QA_TOKENS)
+    losses = [r["loss"] for r in read_metrics(run_dir / "dpo" / "metrics.jsonl") if "loss" in r]
+    out.update(pairs=len(pairs), first_loss=losses[0], final_loss=losses[-1],
+               train_pairs=implicit_rewards(run_dir / "dpo" / "model", run_dir / "sft" / "model", pairs,
+                                            cfg.dpo_beta, cfg.seq_len),
+               heldout_pairs=implicit_rewards(run_dir / "dpo" / "model", run_dir / "sft" / "model",
+                                              qa_preference_pairs(world, heldout, cfg.seed), cfg.dpo_beta,
+                                              cfg.seq_len))
+    return out
+
+
+def implicit_rewards(policy_dir: Path, reference_dir: Path, records: list[dict], beta: float, seq_len: int) -> dict:
+    """DPO's implicit reward beta * (log pi - log pi_ref) of the chosen and the rejected answer, over a whole set
+    of pairs: the share with the chosen answer above the rejected one, and the mean margin between them."""
+    from llmlab.api import load_checkpoint
+    from llmlab.train.chat_data import pair_rows, preference_pair
+    from llmlab.train.dpo import reference_logps
+    from llmlab.train.sft import pad_id_of
+
+    policy, tokenizer, _ = load_checkpoint(policy_dir)
+    reference = load_checkpoint(reference_dir)[0]
+    rows = pair_rows([preference_pair(r, tokenizer) for r in records], seq_len)
+    pad = pad_id_of(tokenizer)
+    margins = [beta * ((pc - rc) - (pr - rr)) for (pc, pr), (rc, rr) in
+               zip(reference_logps(policy.float(), rows, pad), reference_logps(reference.float(), rows, pad))]
+    return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": sum(margins) / len(margins),
+            "pairs": len(margins)}
+
+
+def qa_scores(model_dir: Path, world, items: list[dict]) -> dict:
+    """Greedy answers to QA items: exact match, and the share of answers of the right kind (some person's value
+    of the attribute asked about, right or wrong: the model learned how to answer, if not what)."""
+    from llmlab.api import load_checkpoint
+    from llmlab.train.sft import answer, exact_match
+    from llmlab.train.tasks import normalise
+
+    model, tokenizer, _ = load_checkpoint(model_dir)
+    replies = answer(model.float(), tokenizer, [it["messages"] for it in items], QA_TOKENS)
+    values = {a: {getattr(p, a) for p in world.people} for a in PROBES}
+    kind = sum(normalise(r) in values[it["attribute"]] for r, it in zip(replies, items))
+    return {"exact_match": exact_match(replies, [it["answer"] for it in items]),
+            "right_kind": kind / max(1, len(items)), "questions": len(items),
+            "examples": [{"question": it["messages"][0]["content"], "expected": it["answer"], "got": r.strip()}
+                         for r, it in zip(replies[:4], items)]}
+
+
+def stage_rows(run_dir: Path, world, trained: list[dict], sft: dict, dpo: dict) -> list[dict]:
+    """The before/after table: each checkpoint's QA scores on SFT'd and held-out people, and DPO's figures."""
+    rows = []
+    for stage, heldout in (("pretrain", sft["before"]), ("sft", sft["after"]), ("dpo", dpo["after"])):
+        scores = qa_scores(run_dir / stage / "model", world, trained)
+        rows.append({"stage": stage, "path": f"{stage}/model", "qa_trained": scores["exact_match"],
+                     "right_kind": scores["right_kind"], "qa_heldout": heldout, "examples": scores["examples"]})
+    rows[2].update(kl=dpo["kl"], **{f"{k}_{m}": dpo[k][m] for k in ("train_pairs", "heldout_pairs")
+                                    for m in ("accuracy", "margin")})
+    return rows
+
+
+def copy_model(src: Path, dst: Path):
+    """dst becomes a copy of the checkpoint directory src, atomically."""
+    from llmlab.io import new_temp_dir, replace_dir
+    tmp = new_temp_dir(dst)
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    replace_dir(tmp, dst)
 
 
 # ----------------------------------------------------------------------------- report
@@ -350,8 +488,8 @@ def render_report(s: dict) -> str:
          f"({s['threads']} torch threads; load average {s['load_average_start']} at the start, "
          f"{s['load_average']} at the end: above 0 the cores were shared with other work and every time below is "
          f"pessimistic). Total {s['total_seconds']:.0f} s.", "",
-         "Talk to the model: `llmlab chat --model " + s["run_dir"] + "` (it is pretrained only: it continues "
-         "biographies, it has not been taught to answer).", "",
+         "Talk to the model: `llmlab chat --model " + s["run_dir"] + "` (pretrained, then finetuned to answer "
+         "questions such as \"What is the birth city of <full name>?\"; it knows nothing else).", "",
          "## Settings", "", "| setting | value |", "|---|---|"]
     L += [f"| {k} | {v} |" for k, v in cfg.items()]
     L += ["", "## Data", "",
@@ -405,12 +543,44 @@ def render_report(s: dict) -> str:
           "## Samples", ""]
     L += ["Sampled at temperature 0.7 after a known person's name (in bold):", ""]
     L += [f"- **{x['prompt']}**{' '.join(x['completion'].split())}" for x in ev["samples"]]
+    L += render_post_training(s["post_training"], cfg)
     L += ["", "## Time per stage", "", "| stage | seconds | throughput |", "|---|---:|---:|"]
     for name, r in s["stages"].items():
         thr = f"{r['throughput']:,.0f} {r['unit']}" if "throughput" in r else ""
         L.append(f"| {name} | {r['seconds']:.1f} | {thr} |")
     L += [f"| **total** | **{s['total_seconds']:.1f}** | |", "", "![stage times](stages.png)", ""]
     return "\n".join(L)
+
+
+def render_post_training(post: dict, cfg: dict) -> list[str]:
+    sft, dpo, rows = post["sft"], post["dpo"], post["rows"]
+    L = ["", "## Post-training: SFT and DPO", "",
+         f"- **SFT**: {sft['steps']} steps on the {sft['conversations']} questions about the training half of the "
+         f"people, only the answer tokens carrying loss (lr {cfg['sft_lr']}); loss {sft['first_loss']:.3f} -> "
+         f"{sft['final_loss']:.3f}.",
+         f"- **DPO** from the SFT model (also its reference): {dpo['steps']} steps on {dpo['pairs']} pairs for the "
+         f"same people, the correct answer against another person's value of the same attribute "
+         f"(beta {cfg['dpo_beta']}, lr {cfg['dpo_lr']}); loss {dpo['first_loss']:.3f} -> {dpo['final_loss']:.3f}.",
+         "",
+         f"Greedy answers to {6 * post['qa_people']} questions about {post['qa_people']} people each side, exact "
+         "match. *SFT'd people*: their questions were in the SFT data; *held-out people*: only their biographies "
+         "were (knowledge extraction). *Right kind*: answers that are some person's value of the attribute asked "
+         "about (SFT'd people). DPO's implicit reward beta * (log pi - log pi_ref) after training: the share of "
+         "pairs it ranks right and its mean chosen-minus-rejected margin, on the training pairs and on the same kind "
+         "of pairs for the held-out people; the KL to the SFT reference is per answer, sampled on held-out "
+         "questions.", "",
+         "| checkpoint | QA exact match, SFT'd people | right kind | QA exact match, held-out people | "
+         "DPO reward accuracy (margin), training pairs | same, held-out pairs | KL to SFT |",
+         "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        dpo_cols = (f"{r['train_pairs_accuracy']:.1%} ({r['train_pairs_margin']:+.3f}) | "
+                    f"{r['heldout_pairs_accuracy']:.1%} ({r['heldout_pairs_margin']:+.3f}) | {r['kl']:.3f}"
+                    if "kl" in r else "| |")
+        L.append(f"| {r['stage']} (`{r['path']}`) | {r['qa_trained']:.1%} | {r['right_kind']:.1%} | "
+                 f"{r['qa_heldout']:.1%} | {dpo_cols} |")
+    L += ["", "Answers of the final model to questions about SFT'd people:", ""]
+    L += [f"- {e['question']} → `{e['got']}` (expected `{e['expected']}`)" for e in rows[-1]["examples"]]
+    return L
 
 
 # ----------------------------------------------------------------------------- the run
@@ -476,8 +646,20 @@ def _speedrun(run_dir: Path, preset: str, cfg: SpeedrunConfig, log, threads_auto
     result, tcfg, mcfg = stages.run("pretrain", pretrain_model, run_dir, cfg)
     stages.note("pretrain", result.step * tcfg.tokens_per_step, "tokens/s")
 
-    ev = stages.run("evaluate", evaluate, run_dir, cfg, world)
+    ev = stages.run("evaluate", evaluate, run_dir / "pretrain" / "model", cfg, world)
     stages.note("evaluate", ev["facts"]["probes"], "fact probes/s")
+
+    # post-training: questions about the training people teach the answer format (SFT), then preferences (DPO);
+    # the held-out people's questions test whether the model can say what it read but was never asked about
+    n_qa = min(cfg.eval_people, cfg.people // 2)
+    heldout_qa, trained_qa = qa_items(world, "test", n_qa), qa_items(world, "train", n_qa)
+    sft = stages.run("sft", sft_model, run_dir, cfg, world, heldout_qa)
+    stages.note("sft", sft["tokens"], "tokens/s")
+    dpo = stages.run("dpo", dpo_model, run_dir, cfg, world, heldout_qa)
+    stages.note("dpo", dpo["steps"] * cfg.micro_batch, "pairs/s")
+    rows = stages.run("evaluate QA", stage_rows, run_dir, world, trained_qa, sft, dpo)
+    stages.note("evaluate QA", 3 * len(trained_qa), "questions/s")
+    copy_model(run_dir / "dpo" / "model", run_dir / "model")  # RUN_DIR/model is the run's final model
 
     from llmlab.train.loop import read_metrics
     records = read_metrics(run_dir / "pretrain" / "metrics.jsonl")
@@ -499,6 +681,7 @@ def _speedrun(run_dir: Path, preset: str, cfg: SpeedrunConfig, log, threads_auto
                      "tokens_per_s": tps[len(tps) // 2], "mfu": mfus[len(mfus) // 2],
                      "samples": val_rows[-1].get("samples", [])},
         "eval": ev,
+        "post_training": {"rows": rows, "qa_people": n_qa, "sft": sft, "dpo": dpo},
         "stages": stages.records,
         "machine": platform.processor() or platform.machine(),
         "threads": f"{cfg.threads}{' (auto)' if threads_auto else ''}",
@@ -514,7 +697,9 @@ def _speedrun(run_dir: Path, preset: str, cfg: SpeedrunConfig, log, threads_auto
     # last: a run directory with a report.md is a finished run
     atomic_write_text(run_dir / "report.md", render_report(summary))
     log(f"done in {summary['total_seconds']:.0f} s: val {summary['pretrain']['val_bpb']:.3f} bits/byte, "
-        f"facts {ev['facts']['mean_accuracy']:.1%} (baseline {ev['facts']['mean_baseline']:.1%}); "
+        f"facts {ev['facts']['mean_accuracy']:.1%} (baseline {ev['facts']['mean_baseline']:.1%}), "
+        f"held-out QA {rows[0]['qa_heldout']:.1%} -> SFT {rows[1]['qa_heldout']:.1%} -> "
+        f"DPO {rows[2]['qa_heldout']:.1%}; "
         f"report {run_dir / 'report.md'}; chat: llmlab chat --model {run_dir}")
     return run_dir / "report.md"
 

@@ -93,7 +93,9 @@ def cmd_rl(args) -> int:
     from llmlab.train.rl import RLConfig, rl
     cfg = RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
     result = rl(args.model, cfg, task=args.task, n_prompts=args.prompts, n_eval=args.eval_prompts,
-                reward_model_path=args.reward_model, lora=lora_from_args(args))
+                reward_model_path=args.reward_model, lora=lora_from_args(args), resume=args.resume)
+    if result["interrupted"]:
+        return 130
     print(json.dumps({"before": result["before"], "after": result["after"], "kl": result["kl"],
                       "path": result["path"]}))
     return 0
@@ -145,6 +147,7 @@ def add_commands(subparsers):
     p.add_argument("--prompts", type=int, default=256, help="training prompts generated from the seed")
     p.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts (another seed)")
     p.add_argument("--reward-model", help="reward model directory (default: the task's verifiable reward)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
     for f in dataclasses.fields(__import__("llmlab.train.rl", fromlist=["RLConfig"]).RLConfig):
         kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)

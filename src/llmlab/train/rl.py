@@ -5,6 +5,10 @@ score them (a Python function of the reply, i.e. a verifiable reward, or a rewar
 log-probabilities of the sampled tokens under the policy as it was (old) and under the reference model, and
 take `update_epochs` passes of clipped-ratio policy-gradient updates.
 
+Checkpoints (every `save_every` steps, at the end and on Ctrl-C) hold the trainable weights, the optimizer, the
+prompt sampler's and the global RNG states: `resume=True` continues from the last one exactly as if the run had
+never stopped (rollouts are seeded per step, and the reference is rebuilt from the starting checkpoint).
+
 GRPO: the advantage of a reply is its reward standardised within its group (no value function); the KL to the
 reference is a loss term (the k3 estimator, as in DeepSeekMath). PPO: a value head on the policy's last hidden
 state, per-token rewards -kl_coef * (log pi_old - log pi_ref) with the reward added at the last token, GAE
@@ -14,8 +18,10 @@ advantages, and a value loss. Under LoRA the reference is the same model with it
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import random
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +32,8 @@ import torch.nn as nn
 from llmlab.engine import Engine, SamplingParams
 from llmlab.errors import LLMLabError
 from llmlab.train.chat_data import render_prompt, render_reply
-from llmlab.train.loop import MetricsLog
+from llmlab.train.ckpt import load_checkpoint, save_checkpoint, set_rng_state, step_dir_name
+from llmlab.train.loop import MetricsLog, _in_main_thread, check_same_config, read_metrics
 from llmlab.train.optim import lr_at, make_optimizer, set_lr
 
 
@@ -54,6 +61,8 @@ class RLConfig:
     seed: int = 0
     threads: int = 0
     eval_every: int = 0  # 0: only before and after
+    save_every: int = 10  # checkpoint every N steps (0: only at the end and on Ctrl-C)
+    keep_last: int = 1  # checkpoints kept
 
     def validate(self):
         if self.algo not in ("grpo", "ppo"):
@@ -212,44 +221,102 @@ def evaluate_items(model, tokenizer, items: list[dict], check=None, reward_model
 # ---- training ------------------------------------------------------------------------------------------
 
 
+# Settings a resumed run may change without changing the steps it has already taken (`steps` changes the
+# learning-rate schedule from there on, as max_steps does for pretraining).
+RESUMABLE_CHANGES = {"out_dir", "steps", "threads", "eval_every", "save_every", "keep_last"}
+
+
+def trainable_state(module: nn.Module) -> dict:
+    """What RL changes: the parameters that train (all of them, or only the LoRA adapter and value head)."""
+    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def prompts_digest(items: list[dict]) -> str:
+    return hashlib.sha256(json.dumps([it["messages"] for it in items], sort_keys=True).encode()).hexdigest()
+
+
 def rl_train(model, tokenizer, items: list[dict], cfg: RLConfig, reward_fn=None, reward_model=None, check=None,
-             eval_items: list[dict] | None = None) -> dict:
+             eval_items: list[dict] | None = None, resume: bool = False) -> dict:
     """Train `model` in place. reward_fn(reply_text, item) -> float (a verifiable reward) or reward_model
     (RewardModel, scores the reply) gives the reward; check(reply, item) -> bool is the verifiable score that is
-    reported next to the reward-model score (to catch reward hacking). Returns before/after metrics and history.
+    reported next to the reward-model score (to catch reward hacking). Returns before/after metrics and history
+    ("interrupted": True, and no after, if Ctrl-C stopped it: continue with resume=True).
+
+    `model` is always the starting policy (the reference is a copy of it); with resume=True the weights, optimizer
+    and RNG states of the last checkpoint in cfg.out_dir/checkpoints are loaded on top.
     """
     cfg.validate()
     if reward_fn is None and reward_model is None:
         raise LLMLabError("RL needs a reward: a reward function or a reward model")
     if not items:
         raise LLMLabError("RL needs prompts")
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
+    ckpt_dir = out / "checkpoints"
+    saved = load_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
+    if saved is not None and not resume:
+        raise LLMLabError(f"{out} already holds an RL run; pass --resume to continue it or choose another --out-dir")
     out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
     log = MetricsLog(out / "metrics.jsonl", True)
-    if log.path.exists():
-        log.path.unlink()
-    reference = Reference(model)
+    reference = Reference(model)  # before any saved weights are loaded: the reference is the starting policy
     value_head = ValueHead(model) if cfg.algo == "ppo" else None
     params_owner = nn.ModuleList([model] + ([value_head] if value_head is not None else []))
     optimizer = make_optimizer(params_owner, cfg.lr, cfg.weight_decay)
     eot = end_of_turn_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eot or 0)
-    rng = random.Random(cfg.seed)
-    history = []
+    rng = random.Random(cfg.seed)  # which prompts each step, and the minibatch order
+    run_state = {"rl_config": asdict(cfg), "model_config": model.config.to_dict(), "prompts": prompts_digest(items)}
 
     def rewards_for(texts, batch_items):
         if reward_fn is not None:
             return [float(reward_fn(t, it)) for t, it in zip(texts, batch_items)]
         return reward_model.score_batch([it["messages"] for it in batch_items], texts)
 
-    before = evaluate_items(model, tokenizer, eval_items, check, reward_model, cfg.max_new_tokens) if eval_items else {}
-    log.write({"step": 0, **{f"eval_{k}": v for k, v in before.items()}})
+    start, history, before = 0, [], {}
+    if saved is not None:
+        model_state, optim_state, rng_states, state = saved
+        where = ckpt_dir / step_dir_name(state["step"])
+        check_same_config(state["rl_config"], asdict(cfg), where, "RL setting", RESUMABLE_CHANGES)
+        check_same_config(state["model_config"], model.config.to_dict(), where, "model setting")
+        if state["prompts"] != run_state["prompts"]:
+            raise LLMLabError(f"cannot resume from {where}: it was trained on other prompts")
+        loaded = params_owner.load_state_dict(model_state, strict=False)
+        if loaded.unexpected_keys or set(trainable_state(params_owner)) != set(model_state):
+            raise LLMLabError(f"cannot resume from {where}: its weights are not this model's trainable parameters "
+                              "(was it trained with another --lora setting?)")
+        optimizer.load_state_dict(optim_state)
+        set_rng_state(rng_states)
+        version, internal, gauss = state["sampler_rng"]
+        rng.setstate((version, tuple(internal), gauss))
+        start, before = state["step"], state["before"]
+        log.truncate_after(start)
+        history = [r for r in read_metrics(log.path) if "reward" in r] if log.path.exists() else []
+    elif log.path.exists():
+        log.path.unlink()
+
+    def save(step: int):
+        save_checkpoint(ckpt_dir, step, trainable_state(params_owner), optimizer.state_dict(),
+                        {**run_state, "sampler_rng": rng.getstate(), "before": before}, cfg.keep_last)
+
+    # Ctrl-C: finish the step in flight, save, leave. A second Ctrl-C aborts at once.
+    interrupted = False
+
+    def on_sigint(signum, frame):
+        nonlocal interrupted
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted = True
+
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    previous_handler = signal.signal(signal.SIGINT, on_sigint) if _in_main_thread() else None
     try:
-        for step in range(cfg.steps):
+        if saved is None:
+            if eval_items:
+                before = evaluate_items(model, tokenizer, eval_items, check, reward_model, cfg.max_new_tokens)
+            log.write({"step": 0, **{f"eval_{k}": v for k, v in before.items()}})
+        for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             batch_items = [items[rng.randrange(len(items))] for _ in range(cfg.prompts_per_step)]
             prompts, replies, texts = rollout(model, tokenizer, batch_items, cfg, cfg.seed * 1_000_003 + step, eot)
@@ -322,12 +389,22 @@ def rl_train(model, tokenizer, items: list[dict], cfg: RLConfig, reward_fn=None,
                                               cfg.max_new_tokens).items()})
             log.write(record)
             history.append(record)
-        after = evaluate_items(model, tokenizer, eval_items, check, reward_model, cfg.max_new_tokens) if eval_items else {}
-        kl = kl_to_reference(model, reference, tokenizer, [it["messages"] for it in eval_items],
-                             cfg.max_new_tokens) if eval_items else None
-        log.write({"step": cfg.steps, **{f"eval_{k}": v for k, v in after.items()}, "eval_kl": kl})
+            if interrupted or (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+                save(step + 1)
+            if interrupted:
+                print(f"interrupted: saved step {step + 1} to {ckpt_dir}; continue with --resume", flush=True)
+                break
+        after, kl = {}, None
+        if not interrupted:
+            if eval_items:
+                after = evaluate_items(model, tokenizer, eval_items, check, reward_model, cfg.max_new_tokens)
+                kl = kl_to_reference(model, reference, tokenizer, [it["messages"] for it in eval_items],
+                                     cfg.max_new_tokens)
+            log.write({"step": cfg.steps, **{f"eval_{k}": v for k, v in after.items()}, "eval_kl": kl})
     finally:
         torch.set_num_threads(threads)
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
         if value_head is not None:
             value_head.hook.remove()
     try:
@@ -336,13 +413,15 @@ def rl_train(model, tokenizer, items: list[dict], cfg: RLConfig, reward_fn=None,
     except Exception:  # a plot is a convenience; never lose a run over it
         pass
     model.eval()
-    return {"before": before, "after": after, "kl": kl, "history": history, "config": asdict(cfg)}
+    return {"before": before, "after": after, "kl": kl, "history": history, "config": asdict(cfg),
+            "interrupted": interrupted}
 
 
 def rl(model_path, cfg: RLConfig, task: str = "arithmetic", n_prompts: int = 256, n_eval: int = 64,
-       reward_model_path=None, lora=None) -> dict:
+       reward_model_path=None, lora=None, resume: bool = False) -> dict:
     """`llmlab rl`: RL on a task family with its verifiable reward (or a reward model's score, reporting the
-    verifiable score next to it). Writes cfg.out_dir/model (or /adapter), metrics.jsonl and results.json."""
+    verifiable score next to it). Writes cfg.out_dir/model (or /adapter), metrics.jsonl and results.json
+    (not when interrupted: then cfg.out_dir/checkpoints holds where to resume from)."""
     from llmlab.train import tasks
     from llmlab.train.sft import load_base, prepare_model, save_result
     model, tokenizer, path = load_base(model_path)
@@ -356,7 +435,10 @@ def rl(model_path, cfg: RLConfig, task: str = "arithmetic", n_prompts: int = 256
         if reward_model.tokenizer.vocab_size != tokenizer.vocab_size:
             raise LLMLabError("the reward model's tokenizer does not match the policy's")
     result = rl_train(model, tokenizer, items, cfg, reward_fn=None if reward_model else tasks.reward,
-                      reward_model=reward_model, check=tasks.check, eval_items=eval_items)
+                      reward_model=reward_model, check=tasks.check, eval_items=eval_items, resume=resume)
+    if result["interrupted"]:
+        result["path"] = None
+        return result
     result["path"] = str(save_result(model, tokenizer, Path(cfg.out_dir), lora, str(path)))
     from llmlab.io import atomic_write_text
     atomic_write_text(Path(cfg.out_dir) / "results.json",
