@@ -24,13 +24,25 @@ def llm(smollm2_gguf):
 
 
 def check_pointwise(res):
+    """Each score is the parsed [[N]], or (marker missing) the most likely forced rating; in-process the judge
+    can always be scored, so nothing is left a parse failure."""
     recs = res["records"]
     assert len(recs) == len(ITEMS)
     for r in recs:
-        assert r["output"] and r["score"] == parse_rating(r["output"])
+        assert r["output"]
+        parsed = parse_rating(r["output"])
+        if parsed is not None:
+            assert r["verdict_source"] == "parsed" and r["score"] == parsed
+        else:
+            probs = r["forced_probs"]
+            assert r["verdict_source"] == "logprob" and sum(probs.values()) == pytest.approx(1.0)
+            assert r["score"] == float(max(probs, key=probs.get)) and 0 < r["forced_mass"] <= 1
         assert r["parse_error"] == (r["score"] is None)
     rep = res["report"]
-    assert rep["parse_failures"] == sum(parse_rating(r["output"]) is None for r in recs)
+    assert rep["parse_failures"] == sum(r["score"] is None for r in recs) == 0
+    assert rep["verdict_sources"]["parsed"] == sum(parse_rating(r["output"]) is not None for r in recs)
+    unmarked = sum(parse_rating(r["output"]) is None for r in recs)
+    assert rep["verdict_sources"]["forced"] == rep["forced_items"] == unmarked
     both = [(a, b) for a, b in zip(recs, res["repeat_records"]) if a["score"] is not None and b["score"] is not None]
     assert rep["repeat"]["n"] == len(both)
 
@@ -38,9 +50,23 @@ def check_pointwise(res):
 def check_pairwise(res):
     recs = res["records"]
     consistent = parsed = 0
+    forced = 0
     for r in recs:
         assert len(r["outputs"]) == 2
-        v1, v2 = parse_verdict(r["outputs"][0]), swap(parse_verdict(r["outputs"][1]))
+        raw = []
+        for k, out in enumerate(r["outputs"]):  # the marker when written, else the most likely forced letter
+            probs = (r.get("forced_probs") or [None, None])[k]
+            if parse_verdict(out) is not None:
+                assert r["verdict_sources"][k] == "parsed" and probs is None
+                raw.append(parse_verdict(out))
+            elif probs is not None:
+                assert r["verdict_sources"][k] == "logprob"
+                raw.append(max(probs, key=probs.get))
+                forced += 1
+            else:
+                assert r["verdict_sources"][k] is None
+                raw.append(None)
+        v1, v2 = raw[0], swap(raw[1])
         assert r["verdicts"] == [v1, v2]
         if v1 is None or v2 is None:
             assert r["verdict"] is None and r["parse_error"]
@@ -51,6 +77,7 @@ def check_pairwise(res):
     rep = res["report"]
     assert rep["parse_failures"] == len(recs) - parsed
     assert rep["position_consistency"] == (consistent / parsed if parsed else None)
+    assert rep["verdict_sources"]["forced"] == forced
 
 
 def test_judge_in_process(llm, tmp_path):
@@ -92,14 +119,21 @@ def test_judge_through_endpoint(llm, tmp_path):
     local = Judge(LocalBackend(llm), max_tokens=24)
     with running_server(llm) as url:
         judge = Judge(OpenAIBackend(url, "smollm2"), max_tokens=24)
+        # no repeated run here: each forced verdict costs the endpoint one echo request per allowed letter
         res = win_rate(judge, [i["question"] for i in ITEMS], [i["answer_a"] for i in ITEMS],
-                       [i["answer_b"] for i in ITEMS], tmp_path / "wr")
+                       [i["answer_b"] for i in ITEMS], tmp_path / "wr", repeat=False)
         check_pairwise(res)
         w = res["win_rate"] if any(r["verdict"] for r in res["records"]) else None
         # greedy judging is the same model either way: the endpoint's judgments equal the in-process ones
         same = local.pairwise([{"id": i, "question": it["question"], "answer_a": it["answer_a"],
                                 "answer_b": it["answer_b"]} for i, it in enumerate(ITEMS)])
         assert [r["outputs"] for r in res["records"]] == [r["outputs"] for r in same]
+        # and so are the forced verdicts: the endpoint scores the transcript through /v1/completions echo+logprobs
+        assert [r["verdicts"] for r in res["records"]] == [r["verdicts"] for r in same]
+        assert [r["verdict_sources"] for r in res["records"]] == [r["verdict_sources"] for r in same]
+        for a, b in zip(res["records"], same):
+            for pa, pb in zip(a.get("forced_probs") or [None] * 2, b.get("forced_probs") or [None] * 2):
+                assert (pa is None and pb is None) or pa == pytest.approx(pb, abs=1e-4)
         if w:
             assert w["judged"] + w["parse_failures"] == len(ITEMS)
         g = run_judge(judge, "geval", [dict(i) for i in ITEMS], None, repeat=False,

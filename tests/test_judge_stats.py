@@ -172,3 +172,23 @@ def test_leaderboard_plot(tmp_path):
     assert "| 1 | A |" in format_leaderboard(rows)
     plot_ratings(rows, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_self_report_counts_parsed_and_forced_verdicts():
+    # per judge output: item 0 parsed twice; item 1 parsed + forced; item 2 forced + failed (no verdict)
+    recs = [_pair(0, "A", "A", verdict_sources=["parsed", "parsed"], verdict_source="parsed"),
+            _pair(1, "A", "B", verdict_sources=["parsed", "logprob"], verdict_source="logprob"),
+            _pair(2, "B", None, verdict_sources=["logprob", None], verdict_source=None)]
+    rep = self_report(recs)
+    assert rep["verdict_sources"] == {"judgments": 6, "parsed": 3, "forced": 2, "failed": 1}
+    assert rep["forced_items"] == 1 and rep["parse_failures"] == 1
+    text = format_self_report(rep)
+    assert "3 parsed from the marker, 2 forced from log-probabilities (marker missing), 1 failed" in text
+    points = [{"id": 0, "mode": "pointwise", "score": 7.0, "verdict_source": "parsed", "parse_error": False},
+              {"id": 1, "mode": "pointwise", "score": 5.0, "verdict_source": "logprob", "parse_error": False},
+              {"id": 2, "mode": "pointwise", "score": None, "verdict_source": None, "parse_error": True}]
+    rep = self_report(points)
+    assert rep["verdict_sources"] == {"judgments": 3, "parsed": 1, "forced": 1, "failed": 1}
+    assert "verdict_sources" not in self_report([{"id": 0, "mode": "geval", "score": 3.0, "parse_error": False}])
+    w = win_rate_report([{**r, "answer_a": "aa", "answer_b": "b"} for r in recs])
+    assert w["forced"] == 1 and w["judged"] == 2

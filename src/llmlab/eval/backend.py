@@ -4,7 +4,7 @@ from any OpenAI-compatible endpoint (OpenAIBackend). Everything else in llmlab.e
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -49,6 +49,10 @@ class Backend(Protocol):
     def count_tokens(self, text: str) -> int:
         """Tokens in `text` (exact for local, an estimate for endpoints)."""
 
+    def chat_text(self, prompt) -> str | None:
+        """The raw text a chat prompt is rendered to before generating (chat template, generation prompt
+        included), so a transcript can be continued and scored with loglikelihood; None when it is unknown."""
+
 
 # ---- in-process --------------------------------------------------------------------------------------------
 
@@ -65,6 +69,13 @@ class LocalBackend:
 
     def count_tokens(self, text: str) -> int:
         return len(self.llm.tokenizer.encode(text))
+
+    def chat_text(self, prompt) -> str:
+        tok = self.llm.tokenizer
+        if isinstance(prompt, str) and not tok.chat_template:
+            return prompt  # what LLM.prompt_ids generates from, too
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return tok.apply_chat_template(messages, add_generation_prompt=True)
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         tok = self.llm.tokenizer
@@ -185,17 +196,20 @@ class OpenAIBackend:
     """Any OpenAI-compatible server: /v1/completions (echo + logprobs) scores, /v1/chat/completions generates.
 
     Each request is retried with exponential backoff on connection errors, timeouts, 429 and 5xx; after the
-    last try an LLMLabError names the endpoint and the last error.
+    last try an LLMLabError names the endpoint and the last error. logprobs=False is for endpoints that return
+    no log-probabilities (many hosted APIs): they are never asked for, so scoring raises a clear error and the
+    judge falls back to what works without them (G-Eval samples; no forced verdicts).
     """
 
     def __init__(self, base_url: str, model: str = "default", api_key: str | None = None, retries: int = 4,
-                 backoff: float = 0.5, timeout: float = 120.0, concurrency: int = 4):
+                 backoff: float = 0.5, timeout: float = 120.0, concurrency: int = 4, logprobs: bool = True):
         import httpx
         self.base_url = base_url.rstrip("/")
         if not self.base_url.endswith("/v1"):
             self.base_url += "/v1"
         self.model, self.name = model, f"{model}@{self.base_url}"
-        self.retries, self.backoff, self.concurrency = retries, backoff, concurrency
+        self.retries, self.backoff, self.concurrency, self.logprobs = retries, backoff, concurrency, logprobs
+        self._template = None  # (compiled chat template, tokenizer info) once fetched; False when there is none
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(timeout=timeout, headers=headers)
 
@@ -204,6 +218,30 @@ class OpenAIBackend:
 
     def count_tokens(self, text: str) -> int:
         return max(1, round(len(text) / 4))  # the endpoint's tokenizer is not ours; ~4 characters a token
+
+    def chat_text(self, prompt) -> str | None:
+        """The chat rendered with the template the endpoint publishes at /tokenizer_info (llmlab's server does, as
+        lm-eval's remote tokenizer expects); None when it publishes none."""
+        import httpx
+        if self._template is None:
+            self._template = False
+            try:
+                r = self.client.get(self.base_url[:-len("/v1")] + "/tokenizer_info")
+                info = r.json() if r.status_code == 200 else {}
+            except (httpx.HTTPError, ValueError):  # no template is an answer, not an error: nothing is forced
+                info = {}
+            if isinstance(info, dict) and info.get("chat_template"):
+                from llmlab.tokenizer.tokenizer import _compile_template
+                self._template = (_compile_template(info["chat_template"]), info)
+        if not self._template:
+            return None
+        template, info = self._template
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        try:
+            return template.render(messages=messages, add_generation_prompt=True, bos_token=info.get("bos_token") or "",
+                                   eos_token=info.get("eos_token") or "", pad_token=info.get("pad_token") or "")
+        except Exception as e:  # noqa: BLE001 - a template's own errors (raise_exception, bad fields)
+            raise LLMLabError(f"the chat template of {self.base_url} failed: {e}") from None
 
     def _post(self, path: str, body: dict) -> dict:
         import httpx
@@ -237,11 +275,16 @@ class OpenAIBackend:
             return list(pool.map(fn, items))
 
     def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[LogLik]:
+        if not self.logprobs:
+            raise LLMLabError(f"endpoint {self.base_url} is used without log-probabilities: it cannot score text")
+
         def one(pair):
             context, continuation = pair
             body = {"model": self.model, "prompt": context + continuation, "max_tokens": 1, "temperature": 0,
                     "echo": True, "logprobs": 1}
-            lp = self._post("/completions", body)["choices"][0]["logprobs"]
+            lp = self._post("/completions", body)["choices"][0].get("logprobs")
+            if not lp or not lp.get("token_logprobs"):
+                raise LLMLabError(f"endpoint {self.base_url} returned no logprobs (it may not support echo)")
             tokens, offsets, values = lp["tokens"], lp["text_offset"], lp["token_logprobs"]
             cut = len(context.rstrip(" "))
             total, n, greedy = 0.0, 0, True
@@ -259,6 +302,9 @@ class OpenAIBackend:
         return self._map(one, pairs)
 
     def generate(self, prompts: list, params: GenParams, chat: bool = True) -> list[Generation]:
+        if params.top_logprobs and not self.logprobs:
+            params = replace(params, top_logprobs=0)  # not asked for: a G-Eval run then samples instead
+
         def one(prompt):
             body = {"model": self.model, "max_tokens": params.max_tokens, "temperature": params.temperature}
             if params.stop:
@@ -294,10 +340,10 @@ class OpenAIBackend:
 
 
 def make_backend(model: str | None = None, endpoint: str | None = None, endpoint_model: str = "default",
-                 api_key: str | None = None, dtype: str | None = None):
+                 api_key: str | None = None, dtype: str | None = None, logprobs: bool = True):
     """A backend from CLI-style options: an llmlab model name/path, or an endpoint URL."""
     if endpoint:
-        return OpenAIBackend(endpoint, endpoint_model, api_key)
+        return OpenAIBackend(endpoint, endpoint_model, api_key, logprobs=logprobs)
     from llmlab.api import load
     return LocalBackend(load(model or "smollm2", dtype=dtype))
 

@@ -27,7 +27,7 @@ def _backend(args, prefix: str = ""):
     if g("model") and g("endpoint"):
         raise LLMLabError("give a model or an endpoint, not both")
     return make_backend(model=g("model"), endpoint=g("endpoint"), endpoint_model=g("endpoint_model"),
-                        api_key=g("api_key"))
+                        api_key=g("api_key"), logprobs=not getattr(args, "no_logprobs", False))
 
 
 def _read_jsonl(path) -> list[dict]:
@@ -99,7 +99,8 @@ def cmd_eval(args) -> int:
 def _judge(args):
     from llmlab.eval.judge import Judge
     return Judge(_backend(args, "judge"), rubric=args.rubric, temperature=args.temperature,
-                 max_tokens=args.max_tokens, seed=args.seed, samples=args.samples)
+                 max_tokens=args.max_tokens, seed=args.seed, samples=args.samples,
+                 force_verdict=not getattr(args, "no_force_verdict", False))
 
 
 def _print_result(res) -> None:
@@ -139,7 +140,7 @@ def cmd_judge(args) -> int:
             return 1
         print(f"win rate {w['win_rate']:.3f} (95% CI {w['win_rate_ci95'][0]:.3f}-{w['win_rate_ci95'][1]:.3f}), "
               f"length-controlled {w['lc_win_rate']:.3f}; {w['wins']}W/{w['ties']}T/{w['losses']}L, "
-              f"{w['parse_failures']} unparsed")
+              f"{w['parse_failures']} unparsed, {w['forced']} with a forced verdict")
         _print_result(res)
     elif args.action == "ratings":
         from llmlab.eval.judge.ratings import battles_from_records, format_leaderboard, leaderboard
@@ -191,6 +192,14 @@ def _answers(path, model, questions, args) -> list[str]:
     raise LLMLabError("give the answers as a JSONL file or a model to generate them")
 
 
+FORCED_HELP = ("Forced verdicts (on by default): when the judge explains but writes no [[...]] marker, its own "
+               "transcript is continued with the marker and the verdict is the allowed one (1-10, or A/B/C) it "
+               "finds most likely. Such judgments are marked verdict_source=logprob (parsed ones: parsed) and "
+               "the self-report counts both. Through an endpoint this needs /v1/completions with echo and "
+               "logprobs and the chat template at /tokenizer_info (llmlab serve has both); otherwise they stay "
+               "parse failures.")
+
+
 def add_commands(subparsers):
     p = subparsers.add_parser("eval", help="evaluate a model on tasks (YAML files or built-in), niah, "
                                            "contamination, order sensitivity")
@@ -204,7 +213,8 @@ def add_commands(subparsers):
     p.add_argument("--threshold", type=float, default=0.8, help="contamination: flag fuzzy overlap at or above")
     p.set_defaults(func=cmd_eval)
 
-    j = subparsers.add_parser("judge", help="LLM-as-a-judge with a self-report on the judge's reliability")
+    j = subparsers.add_parser("judge", help="LLM-as-a-judge with a self-report on the judge's reliability",
+                              description=FORCED_HELP)
     jsub = j.add_subparsers(dest="action", required=True)
     for action, help_ in [("pointwise", "1-10 score per answer (items: question, answer[, reference])"),
                           ("pairwise", "A, B or tie in both orders (items: question, answer_a, answer_b)"),
@@ -212,8 +222,15 @@ def add_commands(subparsers):
                           ("winrate", "win rate and length-controlled win rate against a baseline"),
                           ("ratings", "Bradley-Terry leaderboard of several models"),
                           ("agreement", "agreement with human labels from a pairs file")]:
-        s = jsub.add_parser(action, help=help_)
+        s = jsub.add_parser(action, help=help_, description=help_ if action == "geval" else f"{help_}. {FORCED_HELP}")
         _backend_args(s, "judge")
+        if action != "geval":
+            s.add_argument("--no-force-verdict", action="store_true",
+                           help="count a judgment without its [[...]] marker as a parse failure instead of forcing "
+                                "the verdict from the judge's log-probabilities")
+        s.add_argument("--no-logprobs", action="store_true",
+                       help="the judge endpoint returns no log-probabilities (or must not be asked): G-Eval "
+                            "averages samples, verdicts are never forced")
         s.add_argument("--rubric", default=None, help="YAML rubric: name, criteria, scores")
         s.add_argument("--temperature", type=float, default=0.0)
         s.add_argument("--max-tokens", type=int, default=256, help="judge output length")

@@ -2,6 +2,13 @@
 
 Every mode returns one record per item with the judge's raw output(s), so the self-report (selfreport.py) is
 computed from the raw judgments and can be checked by reading them.
+
+Small judges often explain and then never write the marker. With force_verdict (the default), such a judgment
+is finished the way the judge would have finished it: its own transcript (prompt, explanation) is continued
+with the marker ("...\n\nRating: [[") and the verdict is the allowed continuation (1..10, or A / B / C) the
+judge itself finds most likely. Each judgment says where its verdict came from (verdict_source "parsed" or
+"logprob"), and the self-report counts both; when the backend cannot score (an endpoint without logprobs), the
+judgment stays a parse failure.
 """
 
 from __future__ import annotations
@@ -20,6 +27,11 @@ PROMPTS = Path(__file__).parent / "prompts"
 DOMAINS = ("general", "coding", "math")
 RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 VERDICT = re.compile(r"\[\[\s*(A|B|C|tie)\s*\]\]", re.I)
+# what a forced verdict continues the transcript with: the formats the prompts ask for
+POINTWISE_MARKER = "\n\nRating: [["
+PAIRWISE_MARKER = "\n\nFinal verdict: [["
+RATING_CHOICES = [str(k) for k in range(1, 11)]
+VERDICT_CHOICES = {"A": "A", "B": "B", "C": "tie"}  # what the judge writes -> the verdict
 
 
 @dataclass
@@ -102,13 +114,19 @@ def swap(verdict: str | None) -> str | None:
 
 
 class Judge:
-    """A judge model behind any backend. Greedy by default (temperature 0), as MT-bench does."""
+    """A judge model behind any backend. Greedy by default (temperature 0), as MT-bench does.
+
+    force_verdict: when an output has no [[...]] marker, read the verdict from the judge's log-probabilities
+    after its own transcript continued with the marker (see the module docstring); off, it is a parse failure.
+    """
 
     def __init__(self, backend, rubric: Rubric | str | Path | None = None, temperature: float = 0.0,
-                 max_tokens: int = 256, seed: int = 0, samples: int = 5, prompts_dir: str | Path | None = None):
+                 max_tokens: int = 256, seed: int = 0, samples: int = 5, prompts_dir: str | Path | None = None,
+                 force_verdict: bool = True):
         self.backend = as_backend(backend)
         self.rubric = rubric if isinstance(rubric, Rubric) or rubric is None else load_rubric(rubric)
         self.temperature, self.max_tokens, self.seed, self.samples = temperature, max_tokens, seed, samples
+        self.force_verdict = force_verdict
         self.prompts_dir = prompts_dir
         self.name = getattr(self.backend, "name", "judge")
 
@@ -127,6 +145,42 @@ class Judge:
     def versions(self, *names) -> dict:
         return {n: self.prompt(n).version for n in names}
 
+    # ---- forced verdicts -----------------------------------------------------------------------------------
+
+    def force(self, prompts: list[str], outputs: list[str], marker: str, choices: list[str]) -> list[dict | None]:
+        """Per (prompt, output): the judge's transcript (the chat-rendered prompt, its output, then `marker`)
+        scored with each choice + "]]" as its continuation. Returns {"choice": the most likely, "probs": the
+        choices' probabilities renormalized, "mass": their total probability (how sure the judge is that one of
+        them comes next)}, or None for all when the backend cannot render the transcript or score text."""
+        render = getattr(self.backend, "chat_text", None)
+        try:
+            contexts = [render(p) for p in prompts] if render else []
+            if not contexts or any(c is None for c in contexts):
+                return [None] * len(prompts)
+            contexts = [c + o.rstrip() + marker for c, o in zip(contexts, outputs)]
+            lls = self.backend.loglikelihood([(c, ch + "]]") for c in contexts for ch in choices])
+        except LLMLabError:  # e.g. an endpoint without logprobs: the judgment stays a parse failure
+            return [None] * len(prompts)
+        out = []
+        for i in range(len(prompts)):
+            lp = [lls[i * len(choices) + j].logprob for j in range(len(choices))]
+            top = max(lp)
+            weights = [math.exp(x - top) for x in lp]
+            best = lp.index(top)
+            out.append({"choice": choices[best], "mass": sum(math.exp(x) for x in lp),
+                        "probs": {ch: w / sum(weights) for ch, w in zip(choices, weights)}})
+        return out
+
+    def _force_missing(self, prompts, outputs, parsed, marker, choices) -> list[dict | None]:
+        """force() for the outputs whose marker did not parse (when force_verdict is on), None for the rest."""
+        missing = [i for i, v in enumerate(parsed) if v is None] if self.force_verdict else []
+        forced = [None] * len(outputs)
+        if missing:
+            for i, f in zip(missing, self.force([prompts[i] for i in missing], [outputs[i] for i in missing],
+                                                marker, choices)):
+                forced[i] = f
+        return forced
+
     # ---- pointwise -------------------------------------------------------------------------------------
 
     def pointwise(self, items: list[dict], domain: str = "general") -> list[dict]:
@@ -134,19 +188,31 @@ class Judge:
         if domain not in DOMAINS:
             raise LLMLabError(f"unknown judge domain {domain!r} (one of {', '.join(DOMAINS)})")
         p = self.prompt(f"pointwise_{domain}")
-        prompts = []
-        for it in items:
-            _need(it, ("question", "answer"))
-            ref = it.get("reference")
-            math_instruction = ("First solve the problem yourself, step by step, to find the correct answer."
-                                if not ref else "Use the reference solution as the correct answer.")
-            prompts.append(p.render(question=it["question"], answer=it["answer"], rubric=self._rubric(),
-                                    reference_block=_reference_block(ref), math_instruction=math_instruction))
-        outs = self._ask(prompts)
-        return [{"id": it.get("id", i), "mode": "pointwise", "domain": domain, "prompt_version": p.version,
-                 "reference_guided": bool(it.get("reference")), "judge": self.name, "output": g.text,
-                 "score": parse_rating(g.text), "parse_error": parse_rating(g.text) is None,
-                 **_carry(it)} for i, (it, g) in enumerate(zip(items, outs))]
+        prompts = [self.pointwise_prompt(it, domain, p) for it in items]
+        outs = [g.text for g in self._ask(prompts)]
+        scores = [parse_rating(t) for t in outs]
+        forced = self._force_missing(prompts, outs, scores, POINTWISE_MARKER, RATING_CHOICES)
+        records = []
+        for i, (it, text, score, f) in enumerate(zip(items, outs, scores, forced)):
+            source = "parsed" if score is not None else None
+            if f is not None:
+                score, source = float(f["choice"]), "logprob"
+            rec = {"id": it.get("id", i), "mode": "pointwise", "domain": domain, "prompt_version": p.version,
+                   "reference_guided": bool(it.get("reference")), "judge": self.name, "output": text,
+                   "score": score, "verdict_source": source, "parse_error": score is None, **_carry(it)}
+            if f is not None:
+                rec.update(forced_probs=f["probs"], forced_mass=f["mass"])
+            records.append(rec)
+        return records
+
+    def pointwise_prompt(self, item: dict, domain: str = "general", prompt: Prompt | None = None) -> str:
+        p = prompt or self.prompt(f"pointwise_{domain}")
+        _need(item, ("question", "answer"))
+        ref = item.get("reference")
+        math_instruction = ("First solve the problem yourself, step by step, to find the correct answer."
+                            if not ref else "Use the reference solution as the correct answer.")
+        return p.render(question=item["question"], answer=item["answer"], rubric=self._rubric(),
+                        reference_block=_reference_block(ref), math_instruction=math_instruction)
 
     # ---- pairwise ---------------------------------------------------------------------------------------
 
@@ -154,28 +220,46 @@ class Judge:
         """A, B or tie per item {id, question, answer_a, answer_b[, reference]}, judged in both orders.
 
         The second order shows B's answer first; its verdict is mapped back. Orders that disagree make a tie
-        and count as position-inconsistent; an unparseable order makes the item a parse failure (no verdict).
+        and count as position-inconsistent; an order with no verdict (not parsed, not forced) makes the item a
+        parse failure. forced_probs, when present, are per order over the letters as shown in that order.
         """
         p = self.prompt("pairwise")
-        prompts = []
-        for it in items:
-            _need(it, ("question", "answer_a", "answer_b"))
-            common = dict(question=it["question"], rubric=self._rubric(), reference_block=_reference_block(it.get("reference")))
-            prompts.append(p.render(answer_a=it["answer_a"], answer_b=it["answer_b"], **common))
-            prompts.append(p.render(answer_a=it["answer_b"], answer_b=it["answer_a"], **common))
-        outs = self._ask(prompts)
+        prompts = [text for it in items for text in self.pairwise_prompts(it, p)]
+        outs = [g.text for g in self._ask(prompts)]
+        raw = [parse_verdict(t) for t in outs]  # as shown: the second order's "A" is the item's B
+        sources = ["parsed" if v is not None else None for v in raw]
+        forced = self._force_missing(prompts, outs, raw, PAIRWISE_MARKER, list(VERDICT_CHOICES))
+        for k, f in enumerate(forced):
+            if f is not None:
+                raw[k], sources[k] = VERDICT_CHOICES[f["choice"]], "logprob"
+                f["probs"] = {VERDICT_CHOICES[ch]: q for ch, q in f["probs"].items()}
         records = []
         for i, it in enumerate(items):
-            first, second = outs[2 * i].text, outs[2 * i + 1].text
-            v1, v2 = parse_verdict(first), swap(parse_verdict(second))
+            v1, v2 = raw[2 * i], swap(raw[2 * i + 1])
             parse_error = v1 is None or v2 is None
             consistent = None if parse_error else v1 == v2
             verdict = None if parse_error else (v1 if consistent else "tie")
-            records.append({"id": it.get("id", i), "mode": "pairwise", "prompt_version": p.version,
-                            "reference_guided": bool(it.get("reference")), "judge": self.name,
-                            "outputs": [first, second], "verdicts": [v1, v2], "verdict": verdict,
-                            "consistent": consistent, "parse_error": parse_error, **_carry(it)})
+            pair_sources = sources[2 * i:2 * i + 2]
+            rec = {"id": it.get("id", i), "mode": "pairwise", "prompt_version": p.version,
+                   "reference_guided": bool(it.get("reference")), "judge": self.name,
+                   "outputs": outs[2 * i:2 * i + 2], "verdicts": [v1, v2], "verdict": verdict,
+                   "verdict_sources": pair_sources,
+                   "verdict_source": None if parse_error else "parsed" if pair_sources == ["parsed"] * 2 else "logprob",
+                   "consistent": consistent, "parse_error": parse_error, **_carry(it)}
+            if forced[2 * i] or forced[2 * i + 1]:
+                rec["forced_probs"] = [f["probs"] if f else None for f in forced[2 * i:2 * i + 2]]
+                rec["forced_mass"] = [f["mass"] if f else None for f in forced[2 * i:2 * i + 2]]
+            records.append(rec)
         return records
+
+    def pairwise_prompts(self, item: dict, prompt: Prompt | None = None) -> list[str]:
+        """The two prompts of a pairwise item: A's answer shown first, then B's."""
+        p = prompt or self.prompt("pairwise")
+        _need(item, ("question", "answer_a", "answer_b"))
+        common = dict(question=item["question"], rubric=self._rubric(),
+                      reference_block=_reference_block(item.get("reference")))
+        return [p.render(answer_a=item["answer_a"], answer_b=item["answer_b"], **common),
+                p.render(answer_a=item["answer_b"], answer_b=item["answer_a"], **common)]
 
     # ---- G-Eval ----------------------------------------------------------------------------------------
 
@@ -188,7 +272,8 @@ class Judge:
         """G-Eval: evaluation steps written by the judge for `criterion`, then a form-filling score per item.
 
         The score is the probability-weighted mean over the score tokens when the backend returns
-        log-probabilities, else the mean of `samples` sampled scores (temperature 1).
+        log-probabilities, else (e.g. OpenAIBackend(..., logprobs=False)) the mean of `samples` sampled scores
+        (temperature 1), each sample's output and parsed score kept in the record.
         """
         steps = steps if steps is not None else self.geval_steps(criterion)
         p = self.prompt("geval_score")

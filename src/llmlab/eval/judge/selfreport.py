@@ -15,6 +15,10 @@ def self_report(records: list[dict], repeat: list[dict] | None = None) -> dict:
     failures = sum(bool(r["parse_error"]) for r in records)
     rep = {"mode": records[0]["mode"] if records else None, "n": n, "parse_failures": failures,
            "parse_failure_rate": failures / n if n else None}
+    sources = verdict_sources(records)
+    if sources:
+        rep["verdict_sources"] = sources
+        rep["forced_items"] = sum(r.get("verdict_source") == "logprob" for r in records)
     if rep["mode"] == "pairwise":
         parsed = [r for r in records if not r["parse_error"]]
         consistent = sum(bool(r["consistent"]) for r in parsed)
@@ -32,6 +36,21 @@ def self_report(records: list[dict], repeat: list[dict] | None = None) -> dict:
     if repeat is not None:
         rep["repeat"] = repeat_agreement(records, repeat)
     return rep
+
+
+def verdict_sources(records: list[dict]) -> dict | None:
+    """Over single judge outputs (two per pairwise item): verdicts parsed from the marker, forced from
+    log-probabilities because the marker was missing, and neither (failed). None for modes without verdicts."""
+    singles = []
+    for r in records:
+        if "verdict_sources" in r:
+            singles += r["verdict_sources"]
+        elif "verdict_source" in r:
+            singles.append(r["verdict_source"])
+    if not singles:
+        return None
+    return {"judgments": len(singles), "parsed": singles.count("parsed"), "forced": singles.count("logprob"),
+            "failed": singles.count(None)}
 
 
 def _unswap(v):
@@ -73,7 +92,8 @@ def verbosity_probe(judge, items: list[dict]) -> dict:
     decided = [r for r in recs if r["verdict"] is not None]
     padded = sum(r["verdict"] == "B" for r in decided)
     concise = sum(r["verdict"] == "A" for r in decided)
-    return {"n": len(recs), "parse_failures": len(recs) - len(decided), "padded_wins": padded,
+    return {"n": len(recs), "parse_failures": len(recs) - len(decided),
+            "forced": sum(r.get("verdict_source") == "logprob" for r in decided), "padded_wins": padded,
             "concise_wins": concise, "ties": len(decided) - padded - concise,
             "padded_win_rate": padded / len(decided) if decided else None, "records": recs}
 
@@ -104,6 +124,11 @@ def format_self_report(rep: dict) -> str:
         return "n/a" if x is None else f"{100 * x:.1f}%"
     lines = ["judge self-report:",
              f"  items {rep['n']}, parse failures {rep['parse_failures']} ({pct(rep['parse_failure_rate'])})"]
+    if rep.get("verdict_sources"):
+        v = rep["verdict_sources"]
+        lines.append(f"  verdicts of {v['judgments']} judge outputs: {v['parsed']} parsed from the marker, "
+                     f"{v['forced']} forced from log-probabilities (marker missing), {v['failed']} failed; "
+                     f"{rep['forced_items']} items rest on a forced verdict")
     if "position_consistency" in rep:
         lines.append(f"  position consistency {pct(rep['position_consistency'])} "
                      f"({rep['position_inconsistent']} inconsistent pairs counted as ties); "
@@ -122,7 +147,7 @@ def format_self_report(rep: dict) -> str:
         v = rep["verbosity"]
         lines.append(f"  verbosity probe: padded answer wins {pct(v['padded_win_rate'])} of decided pairs "
                      f"({v['padded_wins']} padded, {v['concise_wins']} concise, {v['ties']} ties, "
-                     f"{v['parse_failures']} unparsed)")
+                     f"{v['parse_failures']} unparsed, {v.get('forced', 0)} with a forced verdict)")
     if "self_preference" in rep:
         s = rep["self_preference"]
         lines.append(f"  self-preference probe ({s['self_model']}): judge gives its own answers a win rate of "

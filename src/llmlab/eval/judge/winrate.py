@@ -44,7 +44,7 @@ def win_rate_report(records: list[dict], length=len, n_boot: int = 1000, seed: i
     """Raw and length-controlled win rate of answer_a (the model) over answer_b (the baseline), from judgments."""
     kept = [r for r in records if r.get("verdict") is not None]
     if not kept:  # reported as such: a win rate over nothing is not 0 or 0.5
-        return {"n": len(records), "judged": 0, "parse_failures": len(records), "win_rate": None,
+        return {"n": len(records), "judged": 0, "parse_failures": len(records), "forced": 0, "win_rate": None,
                 "win_rate_ci95": None, "lc_win_rate": None, "lc_win_rate_ci95": None, "wins": 0, "ties": 0,
                 "losses": 0}
     y = outcomes(kept)
@@ -61,7 +61,7 @@ def win_rate_report(records: list[dict], length=len, n_boot: int = 1000, seed: i
         except np.linalg.LinAlgError:
             continue
     return {"n": len(records), "judged": len(kept), "parse_failures": len(records) - len(kept),
-            "win_rate": float(np.mean(y)), "win_rate_ci95": [lo, hi],
+            "forced": sum(r.get("verdict_source") == "logprob" for r in kept), "win_rate": float(np.mean(y)), "win_rate_ci95": [lo, hi],
             "wins": y.count(1.0), "ties": y.count(0.5), "losses": y.count(0.0),
             "mean_length_model": float(np.mean(la)), "mean_length_baseline": float(np.mean(lb)),
             **lc, "lc_win_rate_ci95": np.quantile(boots, [0.025, 0.975]).tolist() if boots else None}
