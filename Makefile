@@ -20,7 +20,7 @@ speedrun: $(STAMP)
 
 chat: $(STAMP)
 	$(BIN)/llmlab pull smollm2
-	$(BIN)/llmlab chat
+	$(BIN)/llmlab chat --int4
 
 test: $(STAMP)
 	bash scripts/system-deps.sh  # Debian's chromium, for the web-chat browser test

@@ -3,8 +3,8 @@
     python benchmarks/decode.py [--prompt-tokens 128] [--new-tokens 128] [--rounds 2]
 
 Every engine runs in its own fresh process (so peak memory is its own), on the same weights (the SmolLM2 Q4_1
-GGUF, dequantized by each) and the same 128-token prompt, greedy, batch 1; the engines alternate over rounds
-and the best round counts. Prints a table with ratios and writes benchmarks/results/decode.json.
+GGUF, dequantized by each; "llmlab int4" also re-packs the 4-bit layers for decoding, llmlab.model.quant) and the
+same 128-token prompt, greedy, batch 1; the engines alternate over rounds and the best round counts. Prints a table with ratios and writes benchmarks/results/decode.json.
 Run it on a quiet machine: on 2 cores, any other busy process halves everything.
 """
 
@@ -47,13 +47,16 @@ def timed(fn, repeat=3):
 # ---- workers: each prints one JSON line ------------------------------------------------------------------------
 
 
-def run_llmlab(gguf, n_prompt, n_new, dtype, compile):
+def run_llmlab(gguf, n_prompt, n_new, dtype, compile, int4=False):
     import torch
     from llmlab.checkpoint.gguf import load_gguf
     from llmlab.engine import Engine, SamplingParams
+    from llmlab.model.quant import quantize_int4
 
     torch.set_grad_enabled(False)
     model, tok, _ = load_gguf(gguf, dtype=getattr(torch, dtype))
+    if int4:
+        quantize_int4(model)
     engine = Engine(model, tok, compile=compile)
     ids = prompt_ids(tok, n_prompt)
     params = SamplingParams(max_new_tokens=n_new, temperature=0, ignore_eos=True)
@@ -102,6 +105,7 @@ def run_llama_cpp(gguf, n_prompt, n_new):
 
 
 ENGINES = {
+    "llmlab int4 compiled": lambda a: run_llmlab(a.gguf, a.prompt_tokens, a.new_tokens, "bfloat16", True, True),
     "llmlab bf16 compiled": lambda a: run_llmlab(a.gguf, a.prompt_tokens, a.new_tokens, "bfloat16", True),
     "llmlab fp32 eager": lambda a: run_llmlab(a.gguf, a.prompt_tokens, a.new_tokens, "float32", False),
     "transformers fp32": lambda a: run_transformers(a.gguf, a.prompt_tokens, a.new_tokens, "float32"),
@@ -176,20 +180,22 @@ def main():
         ratio = f"{row['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref else "-"
         print(f"| {name} | {row['prefill_tok_s']:.0f} | {row['decode_tok_s']:.1f} | {ratio} | "
               f"{row['peak_rss_mib']:.0f} | {row['warmup_s']:.1f} |")
-    ours, hf_bf16, lcpp = table.get("llmlab bf16 compiled"), table.get("transformers bf16"), table.get(
-        "llama-cpp-python Q4_1")
+    hf_bf16, lcpp = table.get("transformers bf16"), table.get("llama-cpp-python Q4_1")
     ratios = {}
-    if ours and ref:
-        ratios["decode_vs_transformers_fp32"] = ours["decode_tok_s"] / ref["decode_tok_s"]
-    if ours and hf_bf16:
-        ratios["decode_vs_transformers_bf16"] = ours["decode_tok_s"] / hf_bf16["decode_tok_s"]
-        ratios["prefill_vs_transformers_bf16"] = ours["prefill_tok_s"] / hf_bf16["prefill_tok_s"]
-    if ours and lcpp:
-        ratios["decode_vs_llama_cpp"] = ours["decode_tok_s"] / lcpp["decode_tok_s"]
-        ratios["prefill_vs_llama_cpp"] = ours["prefill_tok_s"] / lcpp["prefill_tok_s"]
-    if ours and ref and ours["tokens"] and ref["tokens"]:
-        same = sum(a == b for a, b in zip(ours["tokens"], ref["tokens"]))
-        ratios["greedy_tokens_equal_to_transformers_fp32"] = f"{same}/{len(ref['tokens'])}"
+    for name, ours in table.items():
+        if not name.startswith("llmlab"):
+            continue
+        if ref:
+            ratios[f"{name}: decode vs transformers fp32"] = ours["decode_tok_s"] / ref["decode_tok_s"]
+        if hf_bf16:
+            ratios[f"{name}: decode vs transformers bf16"] = ours["decode_tok_s"] / hf_bf16["decode_tok_s"]
+            ratios[f"{name}: prefill vs transformers bf16"] = ours["prefill_tok_s"] / hf_bf16["prefill_tok_s"]
+        if lcpp:
+            ratios[f"{name}: decode vs llama-cpp-python"] = ours["decode_tok_s"] / lcpp["decode_tok_s"]
+            ratios[f"{name}: prefill vs llama-cpp-python"] = ours["prefill_tok_s"] / lcpp["prefill_tok_s"]
+        if ref and ours["tokens"] and ref["tokens"]:
+            same = sum(a == b for a, b in zip(ours["tokens"], ref["tokens"]))
+            ratios[f"{name}: greedy tokens equal to transformers fp32"] = f"{same}/{len(ref['tokens'])}"
     print()
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}")

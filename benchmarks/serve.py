@@ -168,6 +168,7 @@ def main():
     parser.add_argument("--requests", type=int, default=2, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--peers", default="transformers,llama_cpp")
+    parser.add_argument("--int4", action="store_true", help="serve llmlab with 4-bit decode copies (llmlab.load int4)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -190,7 +191,8 @@ def main():
             rows.append(row)
         results["servers"][name] = rows
 
-    llm = llmlab.load(gguf)
+    llm = llmlab.load(gguf, int4=args.int4)
+    results["llmlab_int4"] = args.int4
     with running_server(llm, model_name=args.model, max_batch=max(levels), max_len=1024) as base:
         run("llmlab", base, args.model)
     del llm

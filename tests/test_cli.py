@@ -42,7 +42,8 @@ def test_generate_default_model_is_smollm2(smollm2_gguf):
 
 def test_chat_reads_a_conversation_from_stdin(smollm2_gguf):
     convo = json.dumps([{"role": "user", "content": "What is the capital of France?"}])
-    r = llmlab("chat", "--model", str(smollm2_gguf), "-t", "0", "-n", "24", stdin=convo)
+    # --int4, as `make chat` runs it: decoding through the 4-bit copies still answers
+    r = llmlab("chat", "--model", str(smollm2_gguf), "--int4", "-t", "0", "-n", "24", stdin=convo)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     # plain lines are user turns; commands work between them

@@ -114,7 +114,14 @@ class LLM:
         return f"LLM({self.path}, {self.model.num_params() / 1e6:.1f}M params)"
 
 
-def load(name_or_path: str | Path = DEFAULT_MODEL, dtype=None, compile: bool = False) -> LLM:
-    """Load a model by registry name ("smollm2", pulled on first use), checkpoint directory or .gguf file."""
+def load(name_or_path: str | Path = DEFAULT_MODEL, dtype=None, compile: bool = False, int4: bool = False) -> LLM:
+    """Load a model by registry name ("smollm2", pulled on first use), checkpoint directory or .gguf file.
+
+    int4=True adds 4-bit weight copies that decode steps of up to 4 rows use (llmlab.model.quant): about 2.5×
+    faster decoding on a CPU, exact for a Q4_1 GGUF's layers, prefill unchanged.
+    """
     model, tokenizer, path = load_checkpoint(name_or_path, dtype)
+    if int4:
+        from llmlab.model.quant import quantize_int4
+        quantize_int4(model)
     return LLM(model, tokenizer, path, compile=compile)

@@ -22,6 +22,7 @@ def add_model_args(p):
     p.add_argument("-m", "--model", default="smollm2", help="registry name, checkpoint directory or .gguf file")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, fast decode)")
+    p.add_argument("--int4", action="store_true", help="decode with 4-bit weight copies (CPU; exact for Q4_1 GGUF)")
 
 
 def add_sampling_args(p):
@@ -43,7 +44,7 @@ def sampling_options(args) -> dict:
 
 def load_llm(args):
     from llmlab.api import load
-    return load(args.model, dtype=args.dtype, compile=args.compile)
+    return load(args.model, dtype=args.dtype, compile=args.compile, int4=args.int4)
 
 
 def cmd_generate(args) -> int:

@@ -10,6 +10,7 @@ def add_commands(subparsers):
     p.add_argument("-m", "--model", default="smollm2", help="registry name, checkpoint directory or .gguf file")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, fast decode)")
+    p.add_argument("--int4", action="store_true", help="decode with 4-bit weight copies (CPU; exact for Q4_1 GGUF)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", action="append", default=[], dest="api_keys",
@@ -43,7 +44,7 @@ def cmd_serve(args) -> int:
         if getattr(args, name) < 1:
             raise LLMLabError(f"--{name.replace('_', '-')} must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    llm = load(args.model, dtype=args.dtype, compile=args.compile)
+    llm = load(args.model, dtype=args.dtype, compile=args.compile, int4=args.int4)
     options = ServerOptions(model_name=args.model, api_keys=args.api_keys, max_batch=args.max_batch,
                             max_len=args.max_len, max_queue=args.max_queue, request_timeout=args.timeout,
                             max_body_bytes=args.max_body, db=args.db or None, log_prompts=args.log_prompts)

@@ -1,0 +1,105 @@
+"""4-bit weight copies for fast CPU decoding: groups of 32 weights share a scale and a minimum, as in GGUF's Q4_1.
+
+Decoding one token reads every weight once, so its speed is the speed of streaming the weights. PyTorch's
+CPU kernel for grouped 4-bit weights (`_weight_int4pack_mm_for_cpu`, bf16 activations) does that about 4×
+faster than its bf16 matrix-vector product, but it is slower than a dense matmul once a call has more than a
+few rows. So quantizing keeps the dense weights for prefill and training, and adds a packed 4-bit copy that
+the forward pass uses for calls of at most `INT4_MAX_ROWS` rows (decode steps of small batches).
+
+Q4_1 stores w = d·q + m with q in 0..15; the kernel computes (q − 8)·scale + zero. With scale = d and
+zero = m + 8d the two are the same, so a Q4_1 GGUF (SmolLM2's) is re-packed exactly, up to bf16 scales:
+quantizing a group with min/max finds the same q, d and m back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+INT4_MAX_ROWS = 4  # measured: at 8 rows the dense bf16 matmul is already faster than the 4-bit kernel
+
+
+class Int4Matmul(nn.Module):
+    """y = x @ W.T + b for W = one or more Linear weights side by side, stored as 4-bit groups.
+
+    Several projections that read the same input (q, k and v; gate and up) become one call, which halves
+    the per-call overhead that dominates matrices this small; forward returns one output per projection.
+    With bits=8 each weight is u = 16·hi + lo (u in 0..255) and the product is the sum of two 4-bit
+    products, one per half: twice the work, but as close to the weights as bf16 (for the output head,
+    where 4 bits change too many predictions).
+    """
+
+    def __init__(self, linears: list[nn.Linear], group_size: int = 32, bits: int = 4):
+        super().__init__()
+        weight = torch.cat([lin.weight.detach().float() for lin in linears])
+        out_features, in_features = weight.shape
+        if in_features % group_size:
+            raise ValueError(f"in_features {in_features} is not a multiple of the group size {group_size}")
+        groups = weight.reshape(out_features, in_features // group_size, group_size)
+        levels = 2**bits - 1
+        if bits == 4:  # minimum and scale per group (Q4_1)
+            low = groups.amin(-1)
+            step = ((groups.amax(-1) - low) / levels).clamp_min(1e-12)
+        else:  # symmetric (Q8_0): w = step·(u − 128), so the large zero term below is exactly 0 in bf16
+            step = (groups.abs().amax(-1) / 127).clamp_min(1e-12)
+            low = -128 * step
+        u = ((groups - low[..., None]) / step[..., None]).round().clamp(0, levels).to(torch.int32)
+        u = u.reshape(out_features, in_features)
+        # w = low + step·u; each 4-bit half h with weight f (16 or 1) contributes f·step·(h − 8) + 8·f·step,
+        # and the kernel computes (h − 8)·scale + zero per group: so scale = f·step, and low goes to one zero
+        halves = [(u, 1)] if bits == 4 else [(u >> 4, 16), (u & 15, 1)]
+        self.planes = []
+        for i, (h, f) in enumerate(halves):
+            zero = 8 * f * step + (low if i == 0 else 0)
+            scales_and_zeros = torch.stack([f * step, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            # buffers, so .to(device) moves them; not persistent, so checkpoints keep only the dense weights
+            self.register_buffer(f"packed{i}", torch.ops.aten._convert_weight_to_int4pack_for_cpu(h, 1),
+                                 persistent=False)
+            self.register_buffer(f"scales_and_zeros{i}", scales_and_zeros, persistent=False)
+        self.n_planes = len(halves)
+        biases = [lin.bias for lin in linears]
+        bias = torch.cat([b.detach() for b in biases]).float() if biases[0] is not None else None
+        self.register_buffer("bias", bias, persistent=False)
+        self.group_size, self.in_features = group_size, in_features
+        self.splits = [lin.out_features for lin in linears]
+
+    def forward(self, x) -> tuple[torch.Tensor, ...]:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = None
+        for i in range(self.n_planes):
+            part = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                rows, getattr(self, f"packed{i}"), self.group_size, getattr(self, f"scales_and_zeros{i}"))
+            y = part.float() if y is None else y + part.float()
+        if self.bias is not None:
+            y = y + self.bias
+        y = y.to(x.dtype).view(*x.shape[:-1], -1)
+        return y.split(self.splits, dim=-1)
+
+
+def use_int4(x: torch.Tensor) -> bool:
+    """Whether a call with input x takes the 4-bit path: few rows, on the CPU."""
+    return x.device.type == "cpu" and x.numel() <= INT4_MAX_ROWS * x.shape[-1]
+
+
+def quantize_int4(model, group_size: int = 32):
+    """Give every attention block and MLP of a dense model its 4-bit copy, and the output head an 8-bit one."""
+    from llmlab.model.transformer import MLP, Attention
+
+    from llmlab.errors import LLMLabError
+
+    if model.model.embed_tokens.weight.device.type != "cpu":
+        raise LLMLabError("4-bit decoding uses a CPU kernel; the model is not on the CPU")
+    if any(not isinstance(m, nn.Linear) for m in (model.lm_head, *model.model.layers[0].self_attn.children())):
+        raise LLMLabError("this model has LoRA adapters: merge them first (llmlab merge) to decode in 4 bits")
+    if model.config.dim % group_size or model.config.hidden_dim % group_size:
+        raise LLMLabError(f"4-bit groups of {group_size} need widths that are multiples of {group_size}")
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.qkv_int4 = Int4Matmul([module.q_proj, module.k_proj, module.v_proj], group_size)
+            module.o_int4 = Int4Matmul([module.o_proj], group_size)
+        elif isinstance(module, MLP):
+            first = [module.gate_proj, module.up_proj] if module.swiglu else [module.up_proj]
+            module.in_int4 = Int4Matmul(first, group_size)
+            module.down_int4 = Int4Matmul([module.down_proj], group_size)
+    model.head_int4 = Int4Matmul([model.lm_head], group_size, bits=8)
+    return model
