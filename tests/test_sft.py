@@ -170,7 +170,40 @@ def test_knowledge_experiment_runs_at_tiny_size(tmp_path):
     import sys
     sys.path.insert(0, str(Path(__file__).parent.parent / "experiments"))
     import knowledge_extraction
+    from llmlab.data.bios import ATTRIBUTES
     knowledge_extraction.run(people=4, pretrain_steps=2, sft_steps=2, dim=32, layers=1, out=tmp_path)
     rows = json.loads((tmp_path / "knowledge_extraction.json").read_text())["rows"]
-    assert len(rows) == 2 and all(0 <= r["qa_exact_match_heldout_people"] <= 1 for r in rows)
+    assert [r["condition"] for r in rows] == list(knowledge_extraction.CONDITIONS)
+    for r in rows:
+        assert all(0 <= r[k] <= 1 for k in ("storage_train_people", "storage_heldout_people",
+                                            "qa_exact_match_train_people", "qa_exact_match_heldout_people"))
+    assert "storage_heldout_after_sft" in rows[0] and "storage_heldout_after_sft" not in rows[2]  # mixed: no SFT
+    per_attribute = json.loads((tmp_path / "knowledge_extraction_per_attribute.json").read_text())["rows"]
+    assert all(f"qa_heldout/{a}" in r and f"storage_heldout/{a}" in r for r in per_attribute for a in ATTRIBUTES)
     assert (tmp_path / "knowledge_extraction.png").is_file()
+
+
+def test_knowledge_storage_targets_are_the_attribute_values(tmp_path):
+    """Storage is scored on the tokens of each attribute's value inside a biography, for every augmentation."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent.parent / "experiments"))
+    import knowledge_extraction as ke
+    from llmlab.data.bios import ATTRIBUTES, make_bios_world
+    from llmlab.tokenizer import Tokenizer
+    from llmlab.train.chat_data import render_prompt
+    from llmlab.tokenizer.train import train_bpe
+    world = make_bios_world(12, seed=3)
+    tokenizer = Tokenizer.from_dir(train_bpe(list(world.biographies(ke.AUGMENTED)), 400, tmp_path / "tok"))
+    for augment, copies in ((None, 1), (ke.AUGMENTED, 5)):
+        for i, bio in enumerate(world.biographies(augment)):
+            person = world.people[i // copies]
+            ids, spans = ke.storage_targets(bio, person, tokenizer)
+            assert ids[0] == tokenizer.eos_token_id and ids[1:] == tokenizer.encode(bio)
+            assert {a: tokenizer.decode(ids[s:e]) for a, (s, e) in spans.items()} == \
+                {a: " " + getattr(person, a) for a in ATTRIBUTES}
+    # plain-text QA: the SFT target is the answer and the end-of-text token, the prompt is what evaluation feeds
+    tokenizer.chat_template = ke.QA_TEMPLATE
+    conv = [{"role": "user", "content": "Where did Ann Lee work?"}, {"role": "assistant", "content": "Dover, DE"}]
+    ids, mask = render_conversation(tokenizer, conv)
+    assert tokenizer.decode([t for t, m in zip(ids, mask) if m]) == " Dover, DE<|endoftext|>"
+    assert ids[:mask.index(True)] == render_prompt(tokenizer, conv[:1])
