@@ -26,8 +26,19 @@ class LoRAConfig:
     targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def hidden_states(model, idx: torch.Tensor) -> torch.Tensor:
-    """The final-norm hidden states (B, T, dim) of a plain causal forward: Transformer.forward without lm_head."""
+def run_block(block, x, rope, input_pos):
+    return block(x, rope, None, None, input_pos)
+
+
+# torch.compile one block at a time rather than the whole model: every block has the same code and shapes, so
+# one graph (forward and backward) compiles once and serves all layers. On SmolLM2 (30 layers, busy machine) it
+# compiled in 26 s where the whole model took 180 s, and ran as fast: the step 1.2x (full) to 1.5x (LoRA) the eager one.
+compiled_block = torch.compile(run_block, dynamic=False)
+
+
+def hidden_states(model, idx: torch.Tensor, compiled: bool = False) -> torch.Tensor:
+    """The final-norm hidden states (B, T, dim) of a plain causal forward: Transformer.forward without lm_head.
+    compiled: run each block through torch.compile (the loop's TrainConfig.compile)."""
     B, T = idx.shape
     input_pos = torch.arange(T, device=idx.device).expand(B, T)
     x = model.model.embed_tokens(idx)
@@ -38,8 +49,9 @@ def hidden_states(model, idx: torch.Tensor) -> torch.Tensor:
         freqs = input_pos[..., None].float() * model.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+    step = compiled_block if compiled else run_block
     for block in model.model.layers:
-        x = block(x, rope, None, None, input_pos)
+        x = step(block, x, rope, input_pos)
     return model.model.norm(x)
 
 
@@ -47,19 +59,22 @@ def sft_loss(model, batch):
     """Mean cross-entropy over the assistant tokens of the micro-batch.
 
     Only positions that carry loss go through lm_head: with assistant-only masks that is a fraction of the
-    tokens, and the (tokens x vocab) logits are the largest activation of a small model. Under DDP the wrapped
-    module must be called as a whole (its forward arms the gradient all-reduce), so there the full logits are used.
+    tokens (~10% in the task families), and the (tokens x vocab) logits are the largest activation of a small
+    model. A compiled model (the loop's torch.compile wrapper) is compiled block by block instead, see
+    compiled_block. Under DDP the wrapped module must be called as a whole (its forward arms the gradient
+    all-reduce), so there the full logits are used, as for MoE models.
     """
     x, y = batch
     device = model_device(model)
     x, y = x.to(device), y.to(device)
-    core = model
-    if hasattr(model, "_orig_mod") or hasattr(model, "module") or model.config.n_experts:  # compiled, DDP, MoE
+    compiled = hasattr(model, "_orig_mod")
+    core = unwrap(model)
+    if hasattr(getattr(model, "_orig_mod", model), "module") or core.config.n_experts:  # DDP, MoE
         logits = model(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE)
     else:
         keep = y != IGNORE
-        logits = core.lm_head(hidden_states(core, x)[keep])
+        logits = core.lm_head(hidden_states(core, x, compiled)[keep])
         loss = F.cross_entropy(logits.float(), y[keep])
     return loss, {"loss_tokens": float((y != IGNORE).sum())}
 
