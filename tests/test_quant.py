@@ -11,7 +11,11 @@ from llmlab.model import ModelConfig, Transformer
 from llmlab.model.lora import apply_lora
 from llmlab.model.quant import Int4Matmul, quantize_int4
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def no_grad():  # only in this module's tests: a module-level set_grad_enabled(False) leaks into later test files
+    with torch.no_grad():
+        yield
 
 
 def linear_with(weight, bias=None):
