@@ -58,8 +58,8 @@ def test_8_bit_planes_are_exact_for_q8_0_weights_and_fused_projections_split():
 
 
 def tiny_model(**overrides):
-    cfg = ModelConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=256,
-                      **overrides)
+    cfg = ModelConfig(**{**dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                                max_seq_len=256), **overrides})
     return Transformer(cfg).init_weights(seed=5).eval()
 
 
@@ -151,3 +151,10 @@ def test_smollm2_in_4_bits_predicts_like_the_bf16_model(smollm2_gguf):
     error = lambda logits: (logits - reference).abs().mean().item()  # noqa: E731
     assert agree(int4_logits) >= agree(bf16_logits) - 0.05
     assert error(int4_logits) < 2 * error(bf16_logits)
+
+
+def test_a_vocabulary_the_kernel_cannot_pack_keeps_a_dense_head():
+    model = quantize_int4(tiny_model(vocab_size=300))  # GPT-2-like: not a multiple of 16
+    assert model.head_int4 is None and model.model.layers[0].mlp.in_int4 is not None
+    out = Engine(model, ByteTokenizer()).generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, temperature=0))
+    assert len(out[0].token_ids) == 4

@@ -117,7 +117,7 @@ class LLM:
 def load(name_or_path: str | Path = DEFAULT_MODEL, dtype=None, compile: bool = False, int4: bool = False) -> LLM:
     """Load a model by registry name ("smollm2", pulled on first use), checkpoint directory or .gguf file.
 
-    int4=True adds 4-bit weight copies that decode steps of up to 4 rows use (llmlab.model.quant): about 2.5×
+    int4=True adds 4-bit weight copies that decode steps of up to 4 rows use (llmlab.model.quant): about 2×
     faster decoding on a CPU, exact for a Q4_1 GGUF's layers, prefill unchanged.
     """
     model, tokenizer, path = load_checkpoint(name_or_path, dtype)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from llmlab.errors import LLMLabError
+
 INT4_MAX_ROWS = 4  # measured: at 8 rows the dense bf16 matmul is already faster than the 4-bit kernel
 
 
@@ -33,8 +35,9 @@ class Int4Matmul(nn.Module):
         super().__init__()
         weight = torch.cat([lin.weight.detach().float() for lin in linears])
         out_features, in_features = weight.shape
-        if in_features % group_size:
-            raise ValueError(f"in_features {in_features} is not a multiple of the group size {group_size}")
+        if in_features % group_size or out_features % 16:  # the kernel packs 16 output rows at a time
+            raise LLMLabError(f"a {out_features}x{in_features} weight cannot be packed in 4-bit groups of "
+                              f"{group_size}: widths must be multiples of {group_size} (inputs) and 16 (outputs)")
         groups = weight.reshape(out_features, in_features // group_size, group_size)
         levels = 2**bits - 1
         if bits == 4:  # minimum and scale per group (Q4_1)
@@ -48,7 +51,6 @@ class Int4Matmul(nn.Module):
         # w = low + step·u; each 4-bit half h with weight f (16 or 1) contributes f·step·(h − 8) + 8·f·step,
         # and the kernel computes (h − 8)·scale + zero per group: so scale = f·step, and low goes to one zero
         halves = [(u, 1)] if bits == 4 else [(u >> 4, 16), (u & 15, 1)]
-        self.planes = []
         for i, (h, f) in enumerate(halves):
             zero = 8 * f * step + (low if i == 0 else 0)
             scales_and_zeros = torch.stack([f * step, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
@@ -83,16 +85,13 @@ def use_int4(x: torch.Tensor) -> bool:
 
 def quantize_int4(model, group_size: int = 32):
     """Give every attention block and MLP of a dense model its 4-bit copy, and the output head an 8-bit one."""
+    from llmlab.model.lora import lora_layers
     from llmlab.model.transformer import MLP, Attention
-
-    from llmlab.errors import LLMLabError
 
     if model.model.embed_tokens.weight.device.type != "cpu":
         raise LLMLabError("4-bit decoding uses a CPU kernel; the model is not on the CPU")
-    if any(not isinstance(m, nn.Linear) for m in (model.lm_head, *model.model.layers[0].self_attn.children())):
+    if lora_layers(model):
         raise LLMLabError("this model has LoRA adapters: merge them first (llmlab merge) to decode in 4 bits")
-    if model.config.dim % group_size or model.config.hidden_dim % group_size:
-        raise LLMLabError(f"4-bit groups of {group_size} need widths that are multiples of {group_size}")
     for module in model.modules():
         if isinstance(module, Attention):
             module.qkv_int4 = Int4Matmul([module.q_proj, module.k_proj, module.v_proj], group_size)
@@ -101,5 +100,6 @@ def quantize_int4(model, group_size: int = 32):
             first = [module.gate_proj, module.up_proj] if module.swiglu else [module.up_proj]
             module.in_int4 = Int4Matmul(first, group_size)
             module.down_int4 = Int4Matmul([module.down_proj], group_size)
-    model.head_int4 = Int4Matmul([model.lm_head], group_size, bits=8)
+    if model.config.vocab_size % 16 == 0:  # else the head stays dense (e.g. GPT-2's 50,257 tokens)
+        model.head_int4 = Int4Matmul([model.lm_head], group_size, bits=8)
     return model
