@@ -10,6 +10,7 @@ from llmlab.errors import LLMLabError
 from llmlab.model import ModelConfig, Transformer
 from llmlab.model.lora import apply_lora
 from llmlab.model.quant import Int4Matmul, quantize_int4
+from test_engine_compiled import ByteTokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -61,13 +62,6 @@ def tiny_model(**overrides):
     cfg = ModelConfig(**{**dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
                                 max_seq_len=256), **overrides})
     return Transformer(cfg).init_weights(seed=5).eval()
-
-
-class ByteTokenizer:
-    stop_token_ids = set()
-
-    def decode(self, ids):
-        return bytes(i % 256 for i in ids).decode("utf-8", errors="replace")
 
 
 def dequantized(int4: Int4Matmul) -> list[torch.Tensor]:

@@ -208,20 +208,12 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, resume: bool
             from llmlab.train.plots import plot_metrics
             plot_metrics(log.path, out / "loss.png")
 
-    # Ctrl-C: finish the step in flight, save, leave. A second Ctrl-C aborts at once.
-    interrupted = False
-
-    def on_sigint(signum, frame):
-        nonlocal interrupted
-        if interrupted:
-            raise KeyboardInterrupt
-        interrupted = True
-
+    ctrl_c = CtrlC()
     was_deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(cfg.deterministic or was_deterministic)
-    previous_handler = signal.signal(signal.SIGINT, on_sigint) if _in_main_thread() else None
+    previous_handler = signal.signal(signal.SIGINT, ctrl_c) if _in_main_thread() else None
     bar = None
     if d.is_main and cfg.progress:
         from tqdm import tqdm
@@ -254,12 +246,12 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, resume: bool
                 bar.set_postfix(loss=f"{loss_avg:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 evaluate()
-            stop = D.any_(interrupted, d)
+            stop = D.any_(ctrl_c.pressed, d)
             if stop or (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                 save()
             if stop:
                 write_line(f"interrupted: saved step {step} to {ckpt_dir}; continue with --resume")
-                interrupted = True
+                ctrl_c.pressed = True
                 break
     finally:
         if bar is not None:
@@ -278,7 +270,7 @@ def train(model: nn.Module, objective: Objective, cfg: TrainConfig, resume: bool
         raw = type(raw)(raw.config)
         if d.is_main:
             raw.load_state_dict(full)
-    return Result(step=step, interrupted=interrupted, model=raw)
+    return Result(step=step, interrupted=ctrl_c.pressed, model=raw)
 
 
 def train_step(model, forward_model, objective: Objective, optimizer, cfg: TrainConfig):
@@ -307,6 +299,19 @@ def train_step(model, forward_model, objective: Objective, optimizer, cfg: Train
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, tokens, metric_sums, grad_norm
+
+
+class CtrlC:
+    """SIGINT handler for training loops: the first Ctrl-C asks to finish the step in flight, save and leave
+    (`pressed`); a second one aborts at once."""
+
+    def __init__(self):
+        self.pressed = False
+
+    def __call__(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
 
 
 def _in_main_thread() -> bool:

@@ -33,7 +33,7 @@ from llmlab.engine import Engine, SamplingParams
 from llmlab.errors import LLMLabError
 from llmlab.train.chat_data import render_prompt, render_reply
 from llmlab.train.ckpt import load_checkpoint, save_checkpoint, set_rng_state, step_dir_name
-from llmlab.train.loop import MetricsLog, _in_main_thread, check_same_config, read_metrics
+from llmlab.train.loop import CtrlC, MetricsLog, _in_main_thread, check_same_config, read_metrics
 from llmlab.train.optim import lr_at, make_optimizer, set_lr
 
 
@@ -298,19 +298,11 @@ def rl_train(model, tokenizer, items: list[dict], cfg: RLConfig, reward_fn=None,
         save_checkpoint(ckpt_dir, step, trainable_state(params_owner), optimizer.state_dict(),
                         {**run_state, "sampler_rng": rng.getstate(), "before": before}, cfg.keep_last)
 
-    # Ctrl-C: finish the step in flight, save, leave. A second Ctrl-C aborts at once.
-    interrupted = False
-
-    def on_sigint(signum, frame):
-        nonlocal interrupted
-        if interrupted:
-            raise KeyboardInterrupt
-        interrupted = True
-
+    ctrl_c = CtrlC()  # Ctrl-C: finish the step in flight, save, leave; a second one aborts
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    previous_handler = signal.signal(signal.SIGINT, on_sigint) if _in_main_thread() else None
+    previous_handler = signal.signal(signal.SIGINT, ctrl_c) if _in_main_thread() else None
     try:
         if saved is None:
             if eval_items:
@@ -389,13 +381,13 @@ def rl_train(model, tokenizer, items: list[dict], cfg: RLConfig, reward_fn=None,
                                               cfg.max_new_tokens).items()})
             log.write(record)
             history.append(record)
-            if interrupted or (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+            if ctrl_c.pressed or (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
                 save(step + 1)
-            if interrupted:
+            if ctrl_c.pressed:
                 print(f"interrupted: saved step {step + 1} to {ckpt_dir}; continue with --resume", flush=True)
                 break
         after, kl = {}, None
-        if not interrupted:
+        if not ctrl_c.pressed:
             if eval_items:
                 after = evaluate_items(model, tokenizer, eval_items, check, reward_model, cfg.max_new_tokens)
                 kl = kl_to_reference(model, reference, tokenizer, [it["messages"] for it in eval_items],
@@ -414,7 +406,7 @@ def rl_train(model, tokenizer, items: list[dict], cfg: RLConfig, reward_fn=None,
         pass
     model.eval()
     return {"before": before, "after": after, "kl": kl, "history": history, "config": asdict(cfg),
-            "interrupted": interrupted}
+            "interrupted": ctrl_c.pressed}
 
 
 def rl(model_path, cfg: RLConfig, task: str = "arithmetic", n_prompts: int = 256, n_eval: int = 64,
