@@ -4,14 +4,24 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: speedrun chat test venv bench clean
+.PHONY: speedrun chat test venv bench lock clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every package to the versions the tests last passed with (reproducible installs);
+# `make lock` refreshes it to the newest versions pyproject.toml allows.
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch==2.13.0 is pinned in pyproject.toml: the CPU build, installed from the machine's local wheel
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
+
+lock:
+	rm -rf .lock-venv && $(PY) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet -e '.[test]'
+	.lock-venv/bin/pip freeze --exclude-editable | grep -v '^llmlab' > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
+	rm -rf .lock-venv
 
 venv: $(STAMP)
 

@@ -90,8 +90,8 @@ def run_llama_cpp(gguf, n_prompt, n_new):
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=os.cpu_count(), verbose=False)
-    from llmlab.tokenizer import Tokenizer
-    ids = prompt_ids(Tokenizer.from_gguf(gguf), n_prompt)
+    from llmlab.checkpoint.gguf import tokenizer_from_gguf
+    ids = prompt_ids(tokenizer_from_gguf(gguf), n_prompt)
     no_eos = {llm.token_eos(): -1e9}
 
     def complete(n):

@@ -56,7 +56,7 @@ def write_data(n: int, directory: Path) -> Path:
 
 def run_llmlab(gguf: str, data: Path, n: int, _batch: int) -> dict:
     import llmlab
-    from llmlab.eval.backend import LocalBackend
+    from llmlab.client import LocalClient
     from llmlab.eval.tasks import load_task, run_task
     llm = llmlab.load(gguf)
     spec = data.parent / "bios_mc.yaml"
@@ -64,7 +64,7 @@ def run_llmlab(gguf: str, data: Path, n: int, _batch: int) -> dict:
                     "prompt: \"{biography}\\nQuestion: {question}\\nAnswer:\"\nchoices: choices\ngold: gold\n")
     out = data.parent / f"llmlab_out_{time.time_ns()}"
     t0 = time.perf_counter()
-    s = run_task(load_task(spec), LocalBackend(llm), out, chunk=64)
+    s = run_task(load_task(spec), LocalClient(llm), out, chunk=64)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "acc": s["metrics"]["acc"]["mean"], "acc_norm": s["metrics"]["acc_norm"]["mean"]}
 

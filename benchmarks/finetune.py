@@ -60,7 +60,7 @@ def peak_mb() -> float:
 
 def llmlab_step(name: str, args, device):
     """The training loop's step on the llmlab model (sft's prepare_model: all weights, or a LoRA adapter)."""
-    from llmlab.api import load_checkpoint
+    from llmlab.checkpoint.load import load_checkpoint
     from llmlab.train.config import TrainConfig
     from llmlab.train.loop import Objective, train_step
     from llmlab.train.optim import make_optimizer
@@ -143,7 +143,7 @@ def main():
         return
 
     import tempfile
-    from llmlab.api import load_checkpoint
+    from llmlab.checkpoint.load import load_checkpoint
     from llmlab.checkpoint.hf import save_hf_dir
     load_start, t_start = os.getloadavg(), time.perf_counter()
     runs = {name: [] for name in CONFIGS}

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import bar_plot, write_results  # noqa: E402
 
-from llmlab.api import load_checkpoint  # noqa: E402
+from llmlab.checkpoint.load import load_checkpoint  # noqa: E402
 from llmlab.train import tasks  # noqa: E402
 from llmlab.train.chat_data import pair_rows, preference_pair  # noqa: E402
 from llmlab.train.config import TrainConfig  # noqa: E402

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import bar_plot, write_results  # noqa: E402
 
-from llmlab.data.bios import ATTRIBUTES, TEMPLATES, make_bios_world  # noqa: E402
+from llmlab.data.bios import ATTRIBUTES, QA_CHAT_TEMPLATE, TEMPLATES, make_bios_world  # noqa: E402
 from llmlab.model import ModelConfig, Transformer  # noqa: E402
 from llmlab.tokenizer import Tokenizer  # noqa: E402
 from llmlab.tokenizer.train import train_bpe  # noqa: E402
@@ -44,12 +44,6 @@ from llmlab.train.sft import answer, exact_match, sft_objective  # noqa: E402
 from llmlab.train.tasks import bios_qa_items  # noqa: E402
 
 AUGMENTED = "multi,permute,fullname"
-# QA as plain text, as in the paper: "<|endoftext|>What is the birth city of Anya Briar Forger? Princeton, NJ<|endoftext|>".
-# Every token of it is one pretraining has seen (a biography also starts after <|endoftext|> and ends with it), so
-# SFT learns only the mapping from question to answer. A ChatML frame would add tokens pretraining never saw,
-# whose huge initial loss (about 14 nats) makes the first SFT steps overwrite the stored knowledge instead.
-QA_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ eos_token + m['content'] }}"
-               "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
 # name -> (biography augmentation, QA of the training people mixed into pretraining, SFT on that QA afterwards)
 CONDITIONS = {
     "no augmentation": (None, False, True),
@@ -153,7 +147,7 @@ def run(people: int = 200, pretrain_steps: int = 600, sft_steps: int = 200, dim:
     texts = list(world.biographies(AUGMENTED)) + [f"{it['messages'][0]['content']} {it['answer']}"
                                                    for it in train_items + test_items]
     tokenizer = Tokenizer.from_dir(train_bpe(texts, 2048, out / "tokenizer", min_frequency=1))
-    tokenizer.chat_template = QA_TEMPLATE  # used by render_conversation (SFT) and answer (evaluation) alike
+    tokenizer.chat_template = QA_CHAT_TEMPLATE  # QA as plain text, for SFT and evaluation alike
     eos = tokenizer.eos_token_id
     qa_convs = [it["messages"] + [{"role": "assistant", "content": it["answer"]}] for it in train_items]
     qa_examples = conversations_to_examples(qa_convs, tokenizer)

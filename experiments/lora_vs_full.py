@@ -20,7 +20,7 @@ from common import bar_plot, write_results  # noqa: E402
 
 
 def run_mode(args) -> dict:
-    from llmlab.api import load_checkpoint
+    from llmlab.checkpoint.load import load_checkpoint
     from llmlab.model.lora import trainable_parameters
     from llmlab.train import tasks
     from llmlab.train.chat_data import conversations_to_examples

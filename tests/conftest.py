@@ -1,6 +1,11 @@
-"""Shared fixtures."""
+"""Shared fixtures: the real SmolLM2 (GGUF path and loaded model) and a tiny chat checkpoint.
+
+Plain helper functions live in tests/helpers.py, imported as `helpers` (pytest puts this directory on the import path).
+"""
 
 import pytest
+
+from helpers import make_tiny_chat_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -9,3 +14,26 @@ def smollm2_gguf():
     from llmlab.checkpoint.registry import resolve
 
     return resolve("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """The real SmolLM2 loaded once per session, fp32. Tests must not change its weights."""
+    import torch
+
+    import llmlab
+
+    return llmlab.load("smollm2", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny random Llama with a ChatML BPE tokenizer, saved as an HF directory (one per test module)."""
+    return make_tiny_chat_checkpoint(tmp_path_factory.mktemp("tinychat"))
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tiny_ckpt):
+    from llmlab.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(tiny_ckpt)

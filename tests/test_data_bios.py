@@ -102,3 +102,39 @@ def test_bad_parameters():
         make_bios_world(0)
     with pytest.raises(LLMLabError, match="test fraction"):
         make_bios_world(10, test_fraction=1.5)
+
+
+def test_qa_chat_template_renders_plain_text_qa(tmp_path):
+    """The speedrun's SFT format: "<eos>question answer<eos>", loss on " answer<eos>" only, and the prompt the
+    model answers at inference is exactly the text before the answer."""
+    from llmlab.data.bios import QA_CHAT_TEMPLATE
+    from llmlab.tokenizer import Tokenizer
+    from llmlab.tokenizer.train import train_bpe
+    from llmlab.train.chat_data import render_conversation, render_prompt
+
+    world = make_bios_world(20, seed=3)
+    tok = Tokenizer.from_dir(train_bpe(list(world.biographies("multi")), 400, tmp_path / "tok"))
+    tok.chat_template = QA_CHAT_TEMPLATE
+    qa = world.qa("train")[0]
+    messages = [{"role": "user", "content": qa["question"]}]
+    ids, mask = render_conversation(tok, messages + [{"role": "assistant", "content": qa["answer"]}])
+    assert tok.decode(ids, skip_special_tokens=False) == f"<|endoftext|>{qa['question']} {qa['answer']}<|endoftext|>"
+    prompt = render_prompt(tok, messages)
+    assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)]) and all(mask[len(prompt):])
+    assert tok.decode(ids[len(prompt):], skip_special_tokens=True).strip() == qa["answer"]
+    assert ids[-1] in tok.stop_token_ids  # generation ends after the answer
+
+
+def test_other_value_is_a_wrong_answer_of_the_right_kind():
+    import random
+
+    world = make_bios_world(50, seed=2)
+    rng = random.Random(0)
+    for attr in ATTRIBUTES:
+        values = {getattr(p, attr) for p in world.people}
+        for p in world.people[:10]:
+            wrong = world.other_value(attr, getattr(p, attr), rng)
+            assert wrong in values and wrong != getattr(p, attr)
+    one = make_bios_world(1, seed=2)
+    with pytest.raises(LLMLabError, match="no wrong answer"):
+        one.other_value("major", one.people[0].major, rng)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from llmlab.data.commands import add_commands
+from llmlab.cli.data import add_commands
 from llmlab.data.pack import load_shards, tokenizer_sha256
 from llmlab.errors import LLMLabError
 

@@ -11,9 +11,9 @@ import torch
 from llmlab.errors import LLMLabError
 from llmlab.train.chat_data import load_pairs, preference_pair
 from llmlab.train.dpo import dpo_loss
-from llmlab.train.loop import read_metrics
-from llmlab.train.post_commands import main as post_cli
-from test_sft import make_tiny_chat_checkpoint, tiny_ckpt, tiny_tok, write_jsonl  # noqa: F401 (fixtures)
+from llmlab.train.metrics import read_metrics
+from llmlab.cli.post_train import main as post_cli
+from helpers import write_jsonl
 
 
 def test_dpo_loss_matches_a_hand_computation():

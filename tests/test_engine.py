@@ -296,21 +296,21 @@ def test_incremental_text_holds_back_partial_characters_and_stop_prefixes(tokeni
 
 def test_beam_width_1_equals_greedy(engine):
     want = engine.generate([PROMPT], greedy(max_new_tokens=15, stop_token_ids=set()))[0].token_ids
-    beams = engine.beam_search(PROMPT, beam_width=1, max_new_tokens=15, stop_token_ids=set())
+    beams = engine.beam_search(PROMPT, 1, greedy(max_new_tokens=15, stop_token_ids=set()))
     assert len(beams) == 1 and beams[0].token_ids == want
 
 
 def test_beam_first_step_is_top_k(engine):
     with torch.no_grad():
         first = F.log_softmax(engine.model(torch.tensor([PROMPT]))[0, -1], -1)
-    beams = engine.beam_search(PROMPT, beam_width=4, max_new_tokens=1, stop_token_ids=set())
+    beams = engine.beam_search(PROMPT, 4, greedy(max_new_tokens=1, stop_token_ids=set()))
     assert [b.token_ids[0] for b in beams] == first.topk(4).indices.tolist()
 
 
 def test_beam_scores_are_sorted_and_match_logprobs(engine):
     length_penalty, stops = 0.7, {7, 11, 99}
-    beams = engine.beam_search(PROMPT, beam_width=3, max_new_tokens=8, length_penalty=length_penalty,
-                               stop_token_ids=stops)
+    beams = engine.beam_search(PROMPT, 3, greedy(max_new_tokens=8, stop_token_ids=stops),
+                               length_penalty=length_penalty)
     assert len(beams) == 3
     assert [b.score for b in beams] == sorted((b.score for b in beams), reverse=True)
     for b in beams:
@@ -389,9 +389,71 @@ def test_new_tokens_are_capped_by_the_context(engine):
 
 def test_beam_search_finishes_on_eos(trained, tokenizer):
     prompt = tokenizer.encode("the quick")
-    beams = trained.beam_search(prompt, beam_width=3, max_new_tokens=60)
+    beams = trained.beam_search(prompt, 3, greedy(max_new_tokens=60))
     best = beams[0]
     assert best.finish_reason == "stop" and best.text == MEMORISED[len("the quick"):]
     lps = trained.logprobs(prompt, best.token_ids + [tokenizer.eos_id])
     assert best.score == pytest.approx(sum(lps) / len(lps), abs=1e-4)
     assert best.completion_tokens == len(best.token_ids) + 1
+
+
+# ---- n samples per prompt, one random stream per sample ----------------------------------------------------
+
+
+def test_n_samples_are_seed_plus_index_and_independent_of_the_batch(engine):
+    # Exact equality across batch shapes (1, 3 and 6 rows) is safe here: every row is sampled alone with its own
+    # generator, and a float difference between batch shapes (~1e-7 on these fp32 logits) would have to land a
+    # uniform draw within that distance of a token's cumulative probability to change a sample.
+    prompts = [PROMPT, [1, 2, 3]]
+    params = dict(temperature=1.0, max_new_tokens=12, stop_token_ids=set())
+    both = engine.generate(prompts, SamplingParams(seed=5, **params), n=3)
+    assert len(both) == 6
+    for j, prompt in enumerate(prompts):
+        alone = engine.generate([prompt], SamplingParams(seed=5, **params), n=3)
+        for i in range(3):
+            assert both[j * 3 + i].token_ids == alone[i].token_ids
+            single = engine.generate([prompt], SamplingParams(seed=5 + i, **params))[0]
+            assert single.token_ids == alone[i].token_ids
+    assert len({tuple(c.token_ids) for c in both[:3]}) == 3  # the samples of one prompt differ
+
+
+def test_n_samples_prefill_the_prompt_once(engine, monkeypatch):
+    calls = []
+    prefill = engine.prefill
+    monkeypatch.setattr(engine, "prefill", lambda ids, *a: calls.append(len(ids)) or prefill(ids, *a))
+    out = engine.generate([PROMPT], SamplingParams(seed=0, max_new_tokens=5, stop_token_ids=set()), n=16)
+    assert len(out) == 16 and calls == [len(PROMPT)]
+    with pytest.raises(LLMLabError, match="n must be"):
+        engine.generate([PROMPT], SamplingParams(), n=0)
+
+
+# ---- beam search options --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=0.7), dict(temperature=0, top_k=5), dict(temperature=0, top_p=0.9),
+                                 dict(temperature=0, min_p=0.1), dict(temperature=0, seed=1),
+                                 dict(temperature=0, top_logprobs=2, logprobs=True)])
+def test_beam_refuses_what_it_cannot_honour(engine, bad):
+    with pytest.raises(LLMLabError, match="beam search .*cannot honour " + next(k for k in bad if k != "logprobs"
+                                                                               and bad[k] not in (0,))):
+        engine.beam_search(PROMPT, 2, SamplingParams(**bad))
+
+
+@pytest.mark.parametrize("width", [0, -2])
+def test_beam_width_below_one_is_refused(engine, width):
+    with pytest.raises(LLMLabError, match="beam width must be >= 1"):
+        engine.beam_search(PROMPT, width, greedy())
+
+
+def test_beam_honours_stop_strings(trained, tokenizer):
+    prompt = tokenizer.encode("the quick")
+    best = trained.beam_search(prompt, 3, greedy(max_new_tokens=60, stop=["lazy"]))[0]
+    assert best.finish_reason == "stop" and best.text == MEMORISED[len("the quick"):MEMORISED.find("lazy")]
+
+
+def test_beam_honours_the_repetition_penalty(engine):
+    plain = engine.beam_search(PROMPT, 2, greedy(max_new_tokens=40, stop_token_ids=set()))[0].token_ids
+    assert len(set(PROMPT + plain)) < len(PROMPT) + len(plain)  # without it this model repeats: the test means something
+    out = engine.beam_search(PROMPT, 2, greedy(max_new_tokens=40, stop_token_ids=set(), repetition_penalty=1e6))[0]
+    assert len(set(PROMPT + out.token_ids)) == len(PROMPT) + len(out.token_ids)
+    assert out.logprobs == pytest.approx(engine.logprobs(PROMPT, out.token_ids), abs=1e-4)  # raw logprobs

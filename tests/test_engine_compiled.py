@@ -4,13 +4,7 @@ import torch
 
 from llmlab.engine import Engine, SamplingParams
 from llmlab.model import ModelConfig, Transformer
-
-
-class ByteTokenizer:
-    stop_token_ids = set()
-
-    def decode(self, ids):
-        return bytes(i % 256 for i in ids).decode("utf-8", errors="replace")
+from helpers import ByteTokenizer
 
 
 def test_compiled_decode_matches_eager_greedy():

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from llmlab.errors import LLMLabError
-from llmlab.eval import commands
+from llmlab.cli import eval as commands
 
 
 def run(argv) -> int:

@@ -15,8 +15,8 @@ from llmlab.eval.order import cyclic_permutations, order_sensitivity
 @pytest.fixture(scope="module")
 def backend(smollm2_gguf):
     import llmlab
-    from llmlab.eval.backend import LocalBackend
-    return LocalBackend(llmlab.load(smollm2_gguf))
+    from llmlab.client import LocalClient
+    return LocalClient(llmlab.load(smollm2_gguf))
 
 
 def test_haystack_places_the_needle():

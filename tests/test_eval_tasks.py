@@ -18,8 +18,8 @@ def llm(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def backend(llm):
-    from llmlab.eval.backend import LocalBackend
-    return LocalBackend(llm)
+    from llmlab.client import LocalClient
+    return LocalClient(llm)
 
 
 def write(path, text):

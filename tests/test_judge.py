@@ -81,8 +81,8 @@ def check_pairwise(res):
 
 
 def test_judge_in_process(llm, tmp_path):
-    from llmlab.eval.backend import LocalBackend
-    judge = Judge(LocalBackend(llm), max_tokens=16)
+    from llmlab.client import LocalClient
+    judge = Judge(LocalClient(llm), max_tokens=16)
     res = run_judge(judge, "pointwise", [dict(i) for i in ITEMS], tmp_path / "pw", verbosity=True)
     check_pointwise(res)
     v = res["report"]["verbosity"]
@@ -114,11 +114,11 @@ def test_judge_in_process(llm, tmp_path):
 
 
 def test_judge_through_endpoint(llm, tmp_path):
-    from llmlab.eval.backend import LocalBackend, OpenAIBackend
+    from llmlab.client import LocalClient, EndpointClient
     from llmlab.serve.testing import running_server
-    local = Judge(LocalBackend(llm), max_tokens=24)
+    local = Judge(LocalClient(llm), max_tokens=24)
     with running_server(llm) as url:
-        judge = Judge(OpenAIBackend(url, "smollm2"), max_tokens=24)
+        judge = Judge(EndpointClient(url, "smollm2"), max_tokens=24)
         # no repeated run here: each forced verdict costs the endpoint one echo request per allowed letter
         res = win_rate(judge, [i["question"] for i in ITEMS], [i["answer_a"] for i in ITEMS],
                        [i["answer_b"] for i in ITEMS], tmp_path / "wr", repeat=False)

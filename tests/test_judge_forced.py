@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from llmlab.eval.backend import GenParams, LocalBackend, OpenAIBackend
+from llmlab.client import GenParams, LocalClient, EndpointClient
 from llmlab.eval.judge import Judge, parse_rating, parse_verdict
 from llmlab.eval.judge.judge import PAIRWISE_MARKER, swap
 from llmlab.eval.judge.ratings import battles_from_records, elo, leaderboard
@@ -41,8 +41,8 @@ def expected_source(output, source, probs):
 
 
 def test_pairwise_win_rate_and_ratings_from_real_forced_judgments(llm, tmp_path):
-    backend = LocalBackend(llm)
-    answers = [g.text for g in backend.generate(QUESTIONS, GenParams(max_tokens=24))]
+    backend = LocalClient(llm)
+    answers = [g.text for g in backend.generate(QUESTIONS, GenParams(max_tokens=24, temperature=0.0))]
     truncated = [" ".join(a.split()[:2]) for a in answers]
     assert all(len(t) < len(a) for t, a in zip(truncated, answers))  # two real, different answer sets
     judge = Judge(backend, max_tokens=16)
@@ -112,7 +112,7 @@ def test_endpoint_without_logprobs(llm):
     from llmlab.serve.testing import running_server
     items = [{"question": "What is 2 + 2?", "answer": "4"}, {"question": "Name a color.", "answer": "Blue."}]
     with running_server(llm) as url:
-        judge = Judge(OpenAIBackend(url, "smollm2", logprobs=False), max_tokens=8, samples=3)
+        judge = Judge(EndpointClient(url, "smollm2", logprobs=False), max_tokens=8, samples=3)
         g = run_judge(judge, "geval", [dict(i) for i in items], None, repeat=False,
                       criterion="Correctness: the answer is right.", steps="1. Check the answer.")
         p = run_judge(judge, "pairwise", [{"question": "What is 2 + 2?", "answer_a": "4", "answer_b": "5"}],
@@ -143,8 +143,8 @@ def test_endpoint_without_logprobs(llm):
 
 def test_forcing_can_be_turned_off(llm):
     item = {"question": "What is 2 + 2?", "answer": "4"}
-    (on,) = Judge(LocalBackend(llm), max_tokens=4).pointwise([dict(item)])
-    (off,) = Judge(LocalBackend(llm), max_tokens=4, force_verdict=False).pointwise([dict(item)])
+    (on,) = Judge(LocalClient(llm), max_tokens=4).pointwise([dict(item)])
+    (off,) = Judge(LocalClient(llm), max_tokens=4, force_verdict=False).pointwise([dict(item)])
     assert on["output"] == off["output"] and parse_rating(off["output"]) is None  # 4 tokens: no marker
     probs = on["forced_probs"]
     assert on["verdict_source"] == "logprob" and on["score"] == float(max(probs, key=probs.get))

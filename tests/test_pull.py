@@ -11,7 +11,7 @@ import zipfile
 import pytest
 
 from llmlab.checkpoint import registry
-from llmlab.checkpoint.commands import add_commands
+from llmlab.cli.checkpoint import add_commands
 from llmlab.checkpoint.gguf import open_gguf
 from llmlab.errors import LLMLabError
 

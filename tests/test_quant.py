@@ -9,8 +9,8 @@ from llmlab.engine import Engine, SamplingParams
 from llmlab.errors import LLMLabError
 from llmlab.model import ModelConfig, Transformer
 from llmlab.model.lora import apply_lora
-from llmlab.model.quant import Int4Matmul, quantize_int4
-from test_engine_compiled import ByteTokenizer
+from llmlab.model.quant import Int4Attention, Int4Linear, Int4Matmul, Int4SwiGLU, quantize_int4
+from helpers import ByteTokenizer, assert_greedy_up_to_ties, decode_logits
 
 
 @pytest.fixture(autouse=True)
@@ -72,19 +72,19 @@ def dequantized(int4: Int4Matmul) -> list[torch.Tensor]:
 
 
 def dense_twin(model):
-    """A dense fp32 model whose weights are exactly what the quantized model's 4-bit copies hold."""
+    """A copy whose dense weights are exactly what the quantized model's 4-bit copies hold (run it on > 4 rows)."""
     twin = copy.deepcopy(model)
-    pairs = [(twin.head_int4, [twin.lm_head])]
-    for block in twin.model.layers:
-        attn, mlp = block.self_attn, block.mlp
-        pairs += [(attn.qkv_int4, [attn.q_proj, attn.k_proj, attn.v_proj]), (attn.o_int4, [attn.o_proj]),
-                  (mlp.in_int4, [mlp.gate_proj, mlp.up_proj]), (mlp.down_int4, [mlp.down_proj])]
-    for int4, linears in pairs:
+    groups = []
+    for module in twin.modules():
+        if isinstance(module, Int4Attention):
+            groups.append((module.qkv_int4, [module.q_proj, module.k_proj, module.v_proj]))
+        elif isinstance(module, Int4SwiGLU):
+            groups.append((module.gate_up_int4, [module.gate_proj, module.up_proj]))
+        elif isinstance(module, Int4Linear):
+            groups.append((module.int4, [module]))
+    for int4, linears in groups:
         for lin, weight in zip(linears, dequantized(int4)):
             lin.weight = torch.nn.Parameter(weight.float().clone())  # unties a tied head on purpose
-    for block in twin.model.layers:
-        block.self_attn.qkv_int4 = block.self_attn.o_int4 = block.mlp.in_int4 = block.mlp.down_int4 = None
-    twin.head_int4 = None
     return twin
 
 
@@ -95,8 +95,11 @@ def test_quantized_decode_computes_with_the_4_bit_weights(overrides):
     dense = model(prompt)
     names = set(model.state_dict())
     quantize_int4(model)
-    assert set(model.state_dict()) == names  # checkpoints keep only the dense weights
-    assert torch.equal(model(prompt), dense)  # 8 rows: prefill stays dense
+    assert set(model.state_dict()) == names  # checkpoints keep only the dense weights, under the same names
+    if model.config.tie_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    # 8 rows: prefill stays dense. The same weights through the same matmul; the 4-bit path would be ~1e-2 off
+    assert torch.allclose(model(prompt), dense, atol=1e-6)
     # one row at a time (decode) goes through the 4-bit copies: the dense twin's output, up to bf16 rounding
     cache = model.new_cache(1, 16)
     quantized = torch.cat([model(prompt[:, i:i + 1], torch.tensor([[i]]), cache)[0] for i in range(8)])
@@ -109,11 +112,14 @@ def test_compiled_quantized_decode_matches_eager():
     model = quantize_int4(tiny_model())
     prompts = [[5, 6, 7, 8, 9], [1, 2, 3]]
     params = SamplingParams(max_new_tokens=10, temperature=0, logprobs=True)
-    eager = Engine(model, ByteTokenizer()).generate(prompts, params)
     compiled = Engine(model, ByteTokenizer(), compile=True).generate(prompts, params)
-    for e, c in zip(eager, compiled):
-        assert c.token_ids == e.token_ids
-        assert max(abs(a - b) for a, b in zip(c.logprobs, e.logprobs)) < 1e-3
+    for prompt, c in zip(prompts, compiled):
+        # the eager model's logits along the compiled model's tokens: compiled kernels round differently (up
+        # to the 1e-3 compared below), so where two tokens are that close either is a correct greedy choice
+        eager = decode_logits(model, prompt, c.token_ids)
+        assert_greedy_up_to_ties(eager, c.token_ids, margin=2e-3)
+        want = torch.log_softmax(eager, -1)[torch.arange(len(c.token_ids)), c.token_ids]
+        assert max(abs(a - b) for a, b in zip(c.logprobs, want.tolist())) < 1e-3
 
 
 def test_quantizing_a_model_with_lora_adapters_is_refused():
@@ -125,9 +131,9 @@ def test_quantizing_a_model_with_lora_adapters_is_refused():
 def test_smollm2_in_4_bits_predicts_like_the_bf16_model(smollm2_gguf):
     """On the real Q4_1 file, the 4-bit decode path is as close to fp32 as the bf16 model is."""
     from llmlab.checkpoint.gguf import load_gguf
-    from llmlab.tokenizer import Tokenizer
+    from llmlab.checkpoint.gguf import tokenizer_from_gguf
 
-    tok = Tokenizer.from_gguf(smollm2_gguf)
+    tok = tokenizer_from_gguf(smollm2_gguf)
     text = ("The printing press spread across Europe in the fifteenth century. Books became cheaper, and more "
             "people learned to read. Scholars could compare the same text in many cities at once.")
     ids = torch.tensor([tok.encode(text)])
@@ -149,6 +155,6 @@ def test_smollm2_in_4_bits_predicts_like_the_bf16_model(smollm2_gguf):
 
 def test_a_vocabulary_the_kernel_cannot_pack_keeps_a_dense_head():
     model = quantize_int4(tiny_model(vocab_size=300))  # GPT-2-like: not a multiple of 16
-    assert model.head_int4 is None and model.model.layers[0].mlp.in_int4 is not None
+    assert not isinstance(model.lm_head, Int4Linear) and isinstance(model.model.layers[0].mlp.down_proj, Int4Linear)
     out = Engine(model, ByteTokenizer()).generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, temperature=0))
     assert len(out[0].token_ids) == 4

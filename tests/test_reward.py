@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmlab.train.post_commands import main as post_cli
+from llmlab.cli.post_train import main as post_cli
 from llmlab.train.reward import RewardModel
-from test_sft import tiny_ckpt, write_jsonl  # noqa: F401 (fixture)
+from helpers import write_jsonl
 
 
 def test_reward_model_learns_and_scores(tmp_path, tiny_ckpt):

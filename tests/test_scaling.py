@@ -69,7 +69,7 @@ def shards(tmp_path_factory):
 
 
 def test_scaling_command_on_a_tiny_real_grid(shards, tmp_path, capsys):
-    from llmlab.train.commands import main
+    from llmlab.cli.train import main
 
     out = tmp_path / "grid"
     rc = main(["scaling", str(shards), "--sizes", "d16,d32,d48", "--tokens", "2048,8192", "--out-dir", str(out),

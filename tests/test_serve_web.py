@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from llmlab.api import load
-from llmlab.serve import commands
+from llmlab.cli import serve as commands
 from llmlab.serve.feedback import FeedbackStore, export_feedback
 from llmlab.serve.testing import running_server
 

@@ -11,42 +11,8 @@ import torch
 from llmlab.errors import LLMLabError
 from llmlab.train.chat_data import IGNORE, load_conversations, render_conversation, to_rows
 from llmlab.train.config import TrainConfig
-from llmlab.train.post_commands import main as post_cli
-
-
-def make_tiny_chat_checkpoint(root: Path, seed: int = 0, vocab: int = 400, dim: int = 64) -> Path:
-    """A tiny random Llama with a ChatML BPE tokenizer trained on task texts, saved as an HF directory."""
-    from llmlab.checkpoint.hf import save_hf_dir
-    from llmlab.model import ModelConfig, Transformer
-    from llmlab.tokenizer import Tokenizer
-    from llmlab.tokenizer.train import train_bpe
-    from llmlab.train import tasks
-
-    texts = [m["content"] for r in tasks.sft_conversations(tasks.make_tasks("all", 400, seed=99))
-             for m in r["messages"]]
-    tok_dir = train_bpe(texts, vocab, root / "tok", min_frequency=1)
-    tokenizer = Tokenizer.from_dir(tok_dir)
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, dim=dim, n_layers=2, n_heads=4, hidden_dim=128, max_seq_len=256,
-                      eos_token_id=tokenizer.token_to_id("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
-    model = Transformer(cfg).init_weights(seed=seed)
-    return save_hf_dir(model, root / "model", tokenizer=tokenizer)
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    return make_tiny_chat_checkpoint(tmp_path_factory.mktemp("tinychat"))
-
-
-@pytest.fixture(scope="module")
-def tiny_tok(tiny_ckpt):
-    from llmlab.tokenizer import Tokenizer
-    return Tokenizer.from_dir(tiny_ckpt)
-
-
-def write_jsonl(path: Path, records, raw_lines=()) -> Path:
-    lines = [json.dumps(r) for r in records] + list(raw_lines)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+from llmlab.cli.post_train import main as post_cli
+from helpers import make_tiny_chat_checkpoint, sft_args, write_jsonl
 
 
 CONVO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
@@ -76,8 +42,8 @@ def test_mask_covers_exactly_the_assistant_replies(tiny_tok):
 
 
 def test_mask_with_the_smollm2_template(smollm2_gguf):
-    from llmlab.tokenizer import Tokenizer
-    tok = Tokenizer.from_gguf(smollm2_gguf)
+    from llmlab.checkpoint.gguf import tokenizer_from_gguf
+    tok = tokenizer_from_gguf(smollm2_gguf)
     ids, mask = render_conversation(tok, CONVO)
     assert masked_text(tok, ids, mask) == "4<|im_end|>|It is 6.<|im_end|>"
     assert tok.decode(ids) == tok.apply_chat_template(CONVO, add_generation_prompt=False)
@@ -113,12 +79,6 @@ def test_bad_jsonl_reports_the_line_and_skip_bad_counts(tmp_path, tiny_tok):
         load_conversations(path, tiny_tok)
 
 
-def sft_args(ckpt, data, out, *extra):
-    return ["sft", str(ckpt), str(data), "--out-dir", str(out), "--seq-len", "128", "--micro-batch", "4",
-            "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "2", "--no-progress", "--dtype", "float32",
-            "--threads", "1", "--peak-flops", "1e12", *extra]
-
-
 def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, tiny_ckpt, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": CONVO}], raw_lines=["not json"])
     assert post_cli(sft_args(tiny_ckpt, data, tmp_path / "o", "--max-steps", "1")) == 1
@@ -138,7 +98,7 @@ def final_weights(out: Path) -> dict:
 
 def test_sft_learns_and_resumes_exactly(tmp_path, tiny_ckpt):
     from llmlab.train import tasks
-    from llmlab.train.loop import read_metrics
+    from llmlab.train.metrics import read_metrics
     data = write_jsonl(tmp_path / "d.jsonl", tasks.sft_conversations(tasks.make_tasks("arithmetic", 64, seed=0)))
     exact = ["--deterministic", "--save-every", "3"]
     assert post_cli(sft_args(tiny_ckpt, data, tmp_path / "a", "--max-steps", "30", *exact)) == 0
@@ -167,8 +127,6 @@ def test_sft_loss_on_loss_positions_only_equals_the_full_forward(tiny_ckpt, tiny
 
 
 def test_knowledge_experiment_runs_at_tiny_size(tmp_path):
-    import sys
-    sys.path.insert(0, str(Path(__file__).parent.parent / "experiments"))
     import knowledge_extraction
     from llmlab.data.bios import ATTRIBUTES
     knowledge_extraction.run(people=4, pretrain_steps=2, sft_steps=2, dim=32, layers=1, out=tmp_path)
@@ -185,10 +143,8 @@ def test_knowledge_experiment_runs_at_tiny_size(tmp_path):
 
 def test_knowledge_storage_targets_are_the_attribute_values(tmp_path):
     """Storage is scored on the tokens of each attribute's value inside a biography, for every augmentation."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).parent.parent / "experiments"))
     import knowledge_extraction as ke
-    from llmlab.data.bios import ATTRIBUTES, make_bios_world
+    from llmlab.data.bios import ATTRIBUTES, QA_CHAT_TEMPLATE, make_bios_world
     from llmlab.tokenizer import Tokenizer
     from llmlab.train.chat_data import render_prompt
     from llmlab.tokenizer.train import train_bpe
@@ -202,7 +158,7 @@ def test_knowledge_storage_targets_are_the_attribute_values(tmp_path):
             assert {a: tokenizer.decode(ids[s:e]) for a, (s, e) in spans.items()} == \
                 {a: " " + getattr(person, a) for a in ATTRIBUTES}
     # plain-text QA: the SFT target is the answer and the end-of-text token, the prompt is what evaluation feeds
-    tokenizer.chat_template = ke.QA_TEMPLATE
+    tokenizer.chat_template = QA_CHAT_TEMPLATE
     conv = [{"role": "user", "content": "Where did Ann Lee work?"}, {"role": "assistant", "content": "Dover, DE"}]
     ids, mask = render_conversation(tokenizer, conv)
     assert tokenizer.decode([t for t, m in zip(ids, mask) if m]) == " Dover, DE<|endoftext|>"

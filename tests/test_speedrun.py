@@ -3,6 +3,7 @@ checkpoints are real and usable."""
 
 import json
 import math
+import re
 import sys
 
 import pytest
@@ -17,7 +18,7 @@ def run_dir(tmp_path_factory):
     """One speedrun through its command (the path a user takes), shared by the tests below."""
     import argparse
 
-    from llmlab import speedrun_commands
+    from llmlab.cli import speedrun as speedrun_commands
 
     out = tmp_path_factory.mktemp("speedrun") / "run"
     parser = argparse.ArgumentParser()
@@ -29,13 +30,15 @@ def run_dir(tmp_path_factory):
 
 def test_report_has_every_section(run_dir):
     report = (run_dir / "report.md").read_text()
-    for section in ("## Settings", "## Data", "## Tokenizer", "## Pretraining", "## Evaluation", "## Samples",
-                    "## Post-training: SFT and DPO", "## Time per stage", "bits per byte"):
+    for section in ("## Outcome per stage", "## Settings", "## Data", "## Tokenizer", "## Pretraining",
+                    "## Evaluation", "## Samples", "## Post-training: SFT and DPO", "## Time per stage",
+                    "bits per byte"):
         assert section in report, section
     for stage in ("corpus", "tokenizer", "pack", "pretrain", "evaluate", "sft", "dpo", "evaluate QA"):
         assert f"| {stage} |" in report
-    for stage in ("pretrain", "sft", "dpo"):  # the before/after table has a row per checkpoint
+    for stage in ("pretrain", "sft", "dpo"):  # the before/after tables have a row per checkpoint
         assert f"| {stage} (`{stage}/model`) |" in report
+        assert re.search(rf"^\| {stage} \| \d+ \|", report, re.M), stage
 
 
 def test_plots_are_png(run_dir):
@@ -69,16 +72,37 @@ def test_summary_numbers_are_finite_and_loss_fell(run_dir):
         assert stage["seconds"] >= 0, name
 
 
+def test_pretraining_reads_every_document_once_per_epoch_in_a_new_order(run_dir):
+    import numpy as np
+
+    s = json.loads((run_dir / "summary.json").read_text())
+    m = json.loads((run_dir / "shards" / "manifest.json").read_text())
+    data = s["pretrain"]["data_tokens"]
+    passes, per_pass = data["epochs_written"], m["documents"]["train"] // data["epochs_written"]
+    assert m["tokens"]["train"] == passes * data["train"]
+    assert per_pass == s["corpus"]["docs_kept"] - m["documents"]["val"]
+    assert passes * data["train"] > s["pretrain"]["tokens"]  # the loop never wraps around to a repeated order
+    tokens = np.fromfile(run_dir / "shards" / "train_000.bin", dtype=m["dtype"])
+    docs = [tuple(d) for d in np.split(tokens, np.flatnonzero(tokens == m["eos_id"])[:-1] + 1)]
+    first, second = docs[:per_pass], docs[per_pass:2 * per_pass]
+    assert sorted(first) == sorted(second) and len(set(first)) == per_pass  # the same documents, each once
+    assert first != second  # in another order
+
+
 def test_checkpoint_loads_in_llmlab_and_transformers(run_dir):
     import torch
 
     import llmlab
 
+    from llmlab.data.bios import QA_CHAT_TEMPLATE
+
     llm = llmlab.load(run_dir)  # a run directory resolves to its model/
     assert llm.path == run_dir / "model"
-    assert llm.tokenizer.chat_template
-    text = llm.generate("Alma", raw=True, temperature=0, max_new_tokens=5)
-    assert isinstance(text, str)
+    assert llm.tokenizer.chat_template == QA_CHAT_TEMPLATE  # the QA format SFT used, so chat asks as it did
+    # through the public API and the saved template, the model answers as the speedrun's own scoring recorded
+    s = json.loads((run_dir / "summary.json").read_text())
+    for e in s["post_training"]["rows"][-1]["examples"]:
+        assert llm.generate(e["question"], temperature=0, max_new_tokens=32).strip() == e["got"], e
 
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
@@ -97,28 +121,68 @@ def test_post_training_stages_report_real_numbers(run_dir):
     rows = post["rows"]
     assert [r["stage"] for r in rows] == ["pretrain", "sft", "dpo"]
     for r in rows:
-        for key in ("qa_trained", "right_kind", "qa_heldout"):
+        for key in ("qa_trained", "right_kind", "qa_heldout", "heldout_right_kind"):
             assert 0.0 <= r[key] <= 1.0, (r["stage"], key)
+        assert math.isfinite(r["known_bios_bpb"]) and r["known_bios_bpb"] > 0
     sft, dpo = post["sft"], post["dpo"]
     assert sft["steps"] == s["config"]["sft_steps"] and dpo["steps"] == s["config"]["dpo_steps"]
     assert sft["conversations"] == 6 * s["config"]["people"] // 2 and dpo["pairs"] == sft["conversations"]
     for key in ("first_loss", "final_loss"):
         assert math.isfinite(sft[key]) and math.isfinite(dpo[key]), key
     assert sft["final_loss"] < sft["first_loss"] - 0.5  # answer tokens: a large effect even at ci size
-    # the numbers chain: held-out QA before SFT / after SFT / after DPO, and the SFT checkpoint DPO starts from
-    # (reloaded from disk) answers exactly as the model SFT ended with
-    assert (rows[0]["qa_heldout"], rows[1]["qa_heldout"], rows[2]["qa_heldout"]) == (
-        sft["before"], sft["after"], dpo["after"])
-    assert dpo["before"] == sft["after"]
+    # SFT did its job: the pretrained model continues text instead of answering (right only by a rare chance),
+    # the SFT model answers questions about the people it was finetuned on, with a value of the kind asked for,
+    # some of them right (measured on ci: 0% -> 42% right, 0% -> 54% of the right kind)
+    assert rows[1]["qa_trained"] > rows[0]["qa_trained"] + 0.15
+    assert rows[1]["right_kind"] > rows[0]["right_kind"] + 0.3
     # at DPO's first step the policy is its reference: every margin is 0, the loss is log 2
     assert dpo["first_loss"] == pytest.approx(math.log(2), abs=1e-3)
-    assert math.isfinite(dpo["kl"])
+    assert math.isfinite(dpo["kl"])  # a sampled estimate: near 0 after a few small steps, of either sign
     for split in ("train_pairs", "heldout_pairs"):
         assert 0.0 <= dpo[split]["accuracy"] <= 1.0 and math.isfinite(dpo[split]["margin"]), split
     # DPO trained on these pairs (over an epoch at ci size): its implicit reward ranks them better than chance
     assert dpo["train_pairs"]["margin"] > 0 and dpo["train_pairs"]["accuracy"] > 0.5
     logged = [json.loads(l) for l in (run_dir / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert all("reward_accuracy" in r and "reward_margin" in r for r in logged if "loss" in r)
+
+
+def test_document_scores_are_the_models_cross_entropy(run_dir):
+    """eval.knowledge.document_scores agrees with a plain cross-entropy over the same tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    from llmlab.checkpoint.load import load_checkpoint
+    from llmlab.eval.knowledge import document_scores
+
+    model, tok, _ = load_checkpoint(run_dir / "pretrain" / "model")
+    model = model.float().eval()
+    texts = ["Alma Briar Forger was born in Boise, ID.", "Hugo Sage Vance worked for Keystone Steel."]
+    got = document_scores(model, tok, texts)
+    nll = n_bytes = 0.0
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([[tok.eos_token_id] + tok.encode(t)])
+            nll += F.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:], reduction="sum").item()
+            n_bytes += len(t.encode())
+    # float32 sums of the same log-probabilities in another order: 1e-5 relative is far above their rounding
+    assert got["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
+    assert got["documents"] == 2 and got["perplexity"] > 1.0
+
+
+def test_trial_steps_time_every_thread_count(run_dir):
+    """The thread count is chosen by timing real training steps at each candidate count, not from the load."""
+    import torch
+
+    from llmlab.speedrun import preset_config
+    from llmlab.speedrun.pretraining import time_steps
+
+    before = torch.get_num_threads()
+    seconds = time_steps(run_dir, preset_config("ci"), [1, 2], rounds=1)
+    assert sorted(seconds) == [1, 2] and all(s > 0 for s in seconds.values())
+    assert torch.get_num_threads() == before
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["threads"] == "1"  # the ci preset names its count: nothing to choose, no trial steps
+    assert "trial steps" not in s["stages"]
 
 
 def test_every_stage_checkpoint_loads(run_dir):
@@ -160,16 +224,20 @@ def test_refuses_a_non_empty_run_dir(run_dir, tmp_path):
 
 
 def test_time_budget_cuts_steps_to_fit():
-    from llmlab.speedrun import preset_config, steps_within_budget
+    from llmlab.speedrun import plan_steps, preset_config
 
     cfg = preset_config("default")
-    assert steps_within_budget(cfg, cfg.time_budget, 0.001) == cfg.max_steps  # a fast machine runs them all
-    slow = [steps_within_budget(cfg, cfg.time_budget, s) for s in (0.5, 1.0, 2.0, 5.0)]
-    assert slow == sorted(slow, reverse=True) and slow[-1] < cfg.max_steps
-    # what is planned fits what is left of the budget
-    assert all(n * s < cfg.time_budget for n, s in zip(slow, (0.5, 1.0, 2.0, 5.0)))
-    assert steps_within_budget(cfg, 1.0, 100.0) >= 1
-    # SFT and DPO, after pretraining, fit too
-    assert all((n + cfg.sft_steps + cfg.dpo_steps) * s < cfg.time_budget for n, s in zip(slow, (0.5, 1.0, 2.0)))
+    full = {"max_steps": cfg.max_steps, "sft_steps": cfg.sft_steps, "dpo_steps": cfg.dpo_steps}
+    assert plan_steps(cfg, cfg.time_budget, 0.001) == full  # a fast machine runs them all
+    step_seconds = (0.3, 0.5, 1.0, 2.0)
+    plans = [plan_steps(cfg, cfg.time_budget, s) for s in step_seconds]
+    for key in full:  # the slower the machine, the fewer steps of every kind, in the recipe's proportions
+        assert [p[key] for p in plans] == sorted((p[key] for p in plans), reverse=True) and plans[-1][key] < full[key]
+    assert plans[-1]["max_steps"] / full["max_steps"] == pytest.approx(plans[-1]["sft_steps"] / full["sft_steps"],
+                                                                       abs=0.02)
+    # what is planned (every kind of step, and the evaluation reserve) fits the budget
+    for p, s in zip(plans, step_seconds):
+        assert (sum(p.values()) + 2 * cfg.eval_people) * s < cfg.time_budget
+    assert plan_steps(cfg, 1.0, 100.0) == {"max_steps": 10, "sft_steps": 5, "dpo_steps": 2}  # never nothing
     with pytest.raises(LLMLabError, match="unknown speedrun setting"):
         preset_config("tiny", layers=3)

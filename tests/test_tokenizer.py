@@ -1,15 +1,11 @@
 """Tokenizer: GGUF and HF-directory loading agree with transformers; chat templates; save/load round trip."""
 
-import json
-
-import gguf
-import numpy as np
 import pytest
-from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import models, pre_tokenizers, trainers
 
+from llmlab.checkpoint.gguf import tokenizer_from_gguf
 from llmlab.errors import LLMLabError
 from llmlab.tokenizer import Tokenizer
+from helpers import tiny_backend, write_tokenizer_gguf
 
 TEXTS = [
     "Hello world!",
@@ -34,7 +30,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def smol_tok(smollm2_gguf):
-    return Tokenizer.from_gguf(smollm2_gguf)
+    return tokenizer_from_gguf(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")
@@ -134,21 +130,6 @@ def test_from_dir_errors(tmp_path):
 
 # ---- tiny GGUF tokenizers: llama-bpe pre-tokenizer, BOS, unsupported models ------------------------------
 
-CORPUS = ["the quick brown fox jumps over the lazy dog 1234567", "hello hello world, it's 2024!\n\n  indented",
-          "ünïcödé text and more text"] * 20
-SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
-
-
-def tiny_backend(pre=None):
-    """A small byte-level BPE, trained for real, with the GGUF special tokens in front."""
-    tok = BackendTokenizer(models.BPE())
-    tok.pre_tokenizer = pre or pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    return tok
-
-
 def tiny_tokenizer():
     from tokenizers import decoders
     backend = tiny_backend()
@@ -156,34 +137,11 @@ def tiny_tokenizer():
     return Tokenizer(backend, bos_token="<s>", eos_token="<|end_of_text|>")
 
 
-def write_tokenizer_gguf(path, model="gpt2", pre="llama-bpe", add_bos=True, arch="llama"):
-    spec = json.loads(tiny_backend().to_str())
-    vocab = spec["model"]["vocab"]
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_tokenizer_model(model)
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(tokens.index("<|begin_of_text|>"))
-    w.add_eos_token_id(tokens.index("<|end_of_text|>"))
-    w.add_add_bos_token(add_bos)
-    w.add_chat_template("{% for m in messages %}{{ m.content }}{{ '<|eot_id|>' }}{% endfor %}")
-    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return tokens
-
-
 def test_llama_bpe_gguf_tokenizer_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     path = tmp_path / "tiny.gguf"
     write_tokenizer_gguf(path, pre="llama-bpe", add_bos=False)
-    ours = Tokenizer.from_gguf(path)
+    ours = tokenizer_from_gguf(path)
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     # (transformers' GPT2Tokenizer appends its default "<|endoftext|>" to a vocabulary lacking it; skip that text)
     for text in [t for t in TEXTS if "<|endoftext|>" not in t] + ["<|begin_of_text|>hi<|eot_id|>", "a 1234567 b"]:
@@ -199,7 +157,7 @@ def test_llama_bpe_gguf_tokenizer_matches_transformers(tmp_path):
 def test_gguf_add_bos_token(tmp_path):
     path = tmp_path / "tiny.gguf"
     write_tokenizer_gguf(path, add_bos=True)
-    tok = Tokenizer.from_gguf(path)
+    tok = tokenizer_from_gguf(path)
     bos = tok.token_to_id("<|begin_of_text|>")
     assert tok.bos_token_id == bos
     assert tok.encode("hello", add_special_tokens=True) == [bos] + tok.encode("hello")
@@ -217,4 +175,4 @@ def test_unsupported_gguf_tokenizer_model(tmp_path):
     path = tmp_path / "spm.gguf"
     write_tokenizer_gguf(path, model="llama")
     with pytest.raises(LLMLabError, match="unsupported GGUF tokenizer 'llama'"):
-        Tokenizer.from_gguf(path)
+        tokenizer_from_gguf(path)

@@ -8,42 +8,26 @@ from typing import Iterator
 
 import torch
 
-from llmlab.checkpoint.hf import PICKLE_SUFFIXES, load_hf_dir, parse_dtype, refuse_pickle
-from llmlab.checkpoint.registry import DEFAULT_MODEL, resolve
+from llmlab.checkpoint import load as checkpoint_load
+from llmlab.checkpoint.load import load_checkpoint
+from llmlab.checkpoint.registry import DEFAULT_MODEL
 from llmlab.engine import Engine, SamplingParams
 from llmlab.errors import LLMLabError
-from llmlab.tokenizer import Tokenizer
 
 SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
-
-
-def load_checkpoint(name_or_path: str | Path = DEFAULT_MODEL, dtype=None):
-    """(model, tokenizer, path) for a registry name, a checkpoint directory or a .gguf file."""
-    if Path(name_or_path).suffix in PICKLE_SUFFIXES and Path(name_or_path).is_file():
-        refuse_pickle(Path(name_or_path))
-    path = resolve(name_or_path)
-    if path.is_dir() and not (path / "config.json").exists() and (path / "model" / "config.json").is_file():
-        path = path / "model"  # a run directory (e.g. of `llmlab speedrun`): its model
-    if path.suffix == ".gguf":
-        from llmlab.checkpoint.gguf import load_gguf
-        model, tokenizer, _ = load_gguf(path, dtype=parse_dtype(dtype))
-    else:
-        model = load_hf_dir(path, dtype=dtype)
-        if not (path / "tokenizer.json").exists():
-            raise LLMLabError(f"{path} has no tokenizer.json")
-        tokenizer = Tokenizer.from_dir(path)
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise LLMLabError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                              f"{model.config.vocab_size}; they do not belong together")
-    return model, tokenizer, path
 
 
 class LLM:
     """A loaded model with its tokenizer and engine. Sampling options are SamplingParams fields as keywords."""
 
-    def __init__(self, model, tokenizer, path: Path | None = None, compile: bool = False):
+    def __init__(self, model, tokenizer, path: Path | None = None, compile: bool = False,
+                 sampling_defaults: dict | None = None):
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.engine = Engine(model, tokenizer, compile=compile)
+        # what a request that does not say gets: the checkpoint's generation_config.json, the same in the CLI,
+        # this API and the server (SamplingParams' own neutral defaults where the checkpoint declares nothing)
+        self.sampling_defaults = dict(sampling_defaults if sampling_defaults is not None
+                                      else checkpoint_load.generation_defaults(path) if path is not None else {})
 
     # ---- prompts -----------------------------------------------------------------------------------------
 
@@ -56,12 +40,12 @@ class LLM:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.tokenizer.encode(text)
 
-    @staticmethod
-    def params(**options) -> SamplingParams:
+    def params(self, **options) -> SamplingParams:
+        """SamplingParams from keyword options over the model's sampling defaults (None means the default)."""
         unknown = set(options) - SAMPLING_FIELDS
         if unknown:
             raise LLMLabError(f"unknown sampling option {sorted(unknown)[0]!r}")
-        return SamplingParams(**options)
+        return SamplingParams(**{**self.sampling_defaults, **{k: v for k, v in options.items() if v is not None}})
 
     # ---- generation ------------------------------------------------------------------------------------------
 
@@ -125,3 +109,8 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, dtype=None, compile: bool = F
         from llmlab.model.quant import quantize_int4
         quantize_int4(model)
     return LLM(model, tokenizer, path, compile=compile)
+
+
+def load_with_adapter(base: str | Path, adapter: str | Path, merge: bool = False, dtype=None) -> LLM:
+    """llmlab.load(base) with a LoRA adapter on top (merged into the weights, or kept separate)."""
+    return LLM(*checkpoint_load.load_with_adapter(base, adapter, merge=merge, dtype=dtype))

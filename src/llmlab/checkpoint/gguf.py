@@ -3,7 +3,7 @@
 GGUF keeps the model config as `llama.*` metadata, the tokenizer as `tokenizer.ggml.*` metadata and each
 weight as a (possibly quantized) tensor under llama.cpp's names. We read them with the `gguf` package,
 dequantize to float32 with numpy and hand llmlab a ModelConfig, a state dict in Hugging Face Llama names
-and a Tokenizer.
+and a Tokenizer (built here from the metadata: tokenizer_from_gguf).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as BackendTokenizer
 
 from llmlab.errors import LLMLabError
 from llmlab.model.config import ModelConfig
@@ -40,20 +42,63 @@ TENSOR_NAMES = {
 }
 LAYER = re.compile(r"^blk\.(\d+)\.")
 
+# Pre-tokenizer split regexes by llama.cpp's `tokenizer.ggml.pre` name (as llama.cpp and transformers use them);
+# GPT-2's own regex is built into the ByteLevel pre-tokenizer.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# digits one by one, then GPT-2's split: how StarCoder and SmolLM tokenizers were trained
+DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r")
+SPLIT_BY_PRE = {
+    **{name: LLAMA3_SPLIT for name in ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx")},
+    **{name: QWEN2_SPLIT for name in ("qwen2", "deepseek-r1-qwen")},
+}
+
+TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 3, 4
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte spelled as a printable unicode character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class _Truncated(Exception):
+    """The reader asked for bytes past the end of the file."""
+
+    def __init__(self, end: int):
+        self.end = end
+
 
 def _fast_reader_class():
     import gguf
 
     class FastGGUFReader(gguf.GGUFReader):
-        """GGUFReader parsing from a plain ndarray view of its memmap.
+        """GGUFReader parsing from a plain ndarray view of its memmap, and stopping at the end of the file.
 
         Slicing an np.memmap creates a memmap object per slice, and the reader slices once per string of
         the 50k-token vocabulary: the plain view is about three times faster and maps the same memory.
+        The stock reader does not check lengths, so a truncated file failed later with a numpy reshape error.
         """
 
         def _get(self, offset, dtype, count=1, override_order=None):
             if isinstance(self.data, np.memmap):
                 self.data = self.data.view(np.ndarray)
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if end > len(self.data):
+                raise _Truncated(end)
             return super()._get(offset, dtype, count, override_order)
 
     return FastGGUFReader
@@ -66,6 +111,9 @@ def open_gguf(path: str | Path):
         raise LLMLabError(f"no such file: {path}")
     try:
         return _fast_reader_class()(path)
+    except _Truncated as e:
+        raise LLMLabError(f"{path} is truncated or corrupt: it has {path.stat().st_size:,} bytes, but reading it "
+                          f"needs {e.end:,} (an interrupted download or copy?)") from None
     except Exception as e:  # the reader raises ValueError, KeyError, IndexError... on a damaged file
         raise LLMLabError(f"{path} is not a valid GGUF file: {type(e).__name__}: {e}") from None
 
@@ -166,6 +214,76 @@ def _llama3_scaling(reader, cfg: ModelConfig, path) -> dict:
     raise LLMLabError(f"{path}: its rope_freqs tensor matches no Llama-3 RoPE scaling llmlab knows")
 
 
+# ---- the tokenizer ------------------------------------------------------------------
+
+def tokenizer_from_gguf(reader_or_path) -> Tokenizer:
+    """The tokenizer a GGUF file's metadata describes (byte-level BPE, `tokenizer.ggml.model == "gpt2"`)."""
+    reader = open_gguf(reader_or_path) if isinstance(reader_or_path, (str, Path)) else reader_or_path
+
+    def meta(key, default=None):
+        return field_value(reader, key, default)
+
+    kind = meta("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise LLMLabError(
+            f"unsupported GGUF tokenizer {kind!r} (llmlab reads byte-level BPE, tokenizer.ggml.model 'gpt2')")
+    tokens = meta("tokenizer.ggml.tokens")
+    merges = meta("tokenizer.ggml.merges", [])
+    token_types = meta("tokenizer.ggml.token_type") or [1] * len(tokens)
+    # llama.cpp stores byte-level tokens already spelled in GPT-2's alphabet; respell any that are not
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    spelled = [t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")) for t in tokens]
+    vocab = {t: i for i, t in enumerate(spelled)}
+    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
+    backend.pre_tokenizer = _pre_tokenizer(meta("tokenizer.ggml.pre", "default"))
+    backend.decoder = decoders.ByteLevel()
+
+    # control tokens (<|im_start|>, ...) must be matched whole in the text, never split into bytes;
+    # a "control" token outside the byte alphabet is a llama.cpp mislabel and is skipped, as transformers does
+    special = [AddedToken(t, normalized=False, special=True)
+               for t, kind_ in zip(tokens, token_types) if kind_ == TOKEN_TYPE_CONTROL and set(t) <= alphabet]
+    if special:
+        backend.add_special_tokens(special)
+    user = [AddedToken(t, normalized=False, special=False)
+            for t, kind_ in zip(tokens, token_types) if kind_ == TOKEN_TYPE_USER_DEFINED and t in vocab]
+    if user:
+        backend.add_tokens(user)
+
+    def token(key):
+        i = meta(f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    bos = token("bos_token_id")
+    add_bos = bool(meta("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+            special_tokens=[(bos, meta("tokenizer.ggml.bos_token_id"))])
+    context = meta(f"{meta('general.architecture')}.context_length")
+    return Tokenizer(backend, bos_token=bos, eos_token=token("eos_token_id"), pad_token=token("padding_token_id"),
+                     unk_token=token("unknown_token_id"), chat_template=meta("tokenizer.chat_template"),
+                     add_bos=add_bos, model_max_length=context)
+
+
+def _pre_tokenizer(pre: str):
+    """The pre-tokenizer for llama.cpp's `tokenizer.ggml.pre` name."""
+    if pre in SPLIT_BY_PRE:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SPLIT_BY_PRE[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    if pre in DIGITS_THEN_GPT2:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+    # "default", "gpt2" and anything unknown: GPT-2's own split (what transformers falls back to too)
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+# ---- the model ----------------------------------------------------------------------
+
 def read_gguf(path: str | Path, reader=None) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """The config, float32 state dict (llmlab names; no lm_head when tied) and tokenizer of a llama GGUF."""
     reader = reader or open_gguf(path)
@@ -183,7 +301,7 @@ def read_gguf(path: str | Path, reader=None) -> tuple[ModelConfig, dict[str, tor
         if key.startswith(("blk.{}.attn_q.", "blk.{}.attn_k.")):
             w = unpermute_rope(w, cfg.n_heads if ".attn_q." in key else cfg.n_kv_heads)
         state_dict[name] = w
-    return cfg, state_dict, Tokenizer.from_gguf(reader)
+    return cfg, state_dict, tokenizer_from_gguf(reader)
 
 
 def load_gguf(path: str | Path, dtype=torch.float32) -> tuple[Transformer, Tokenizer, dict]:

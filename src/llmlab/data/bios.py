@@ -121,6 +121,14 @@ QUESTIONS = {
 
 AUGMENTATIONS = ("multi", "permute", "fullname")
 
+# A chat template that renders QA as plain text, the way Physics of LMs 3.1 finetunes on it:
+# "<|endoftext|>What is the birth city of Anya Briar Forger? Princeton, NJ<|endoftext|>". A biography also starts
+# after <|endoftext|> and ends with one, so every token is one pretraining has seen and SFT only learns the mapping
+# from question to answer. A ChatML frame adds tokens pretraining never saw, whose huge initial loss (~14 nats)
+# makes the first SFT steps overwrite the stored knowledge instead (experiments/knowledge_extraction.py).
+QA_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ ' ' + m['content'] + eos_token }}"
+                    "{% else %}{{ eos_token + m['content'] }}{% endif %}{% endfor %}")
+
 
 @dataclass
 class Person:
@@ -192,6 +200,14 @@ class World:
         return [{"question": QUESTIONS[a].format(name=p.name), "answer": getattr(p, a), "person": p.name,
                  "attribute": a}
                 for p in self.people if split == "all" or p.split == split for a in ATTRIBUTES]
+
+    def other_value(self, attribute: str, value: str, rng: random.Random) -> str:
+        """Another person's value of the same attribute: a wrong answer of the right kind (only knowing the
+        person tells it from the right one)."""
+        others = sorted({getattr(p, attribute) for p in self.people} - {value})
+        if not others:
+            raise LLMLabError(f"every person has the same {attribute}; there is no wrong answer of its kind")
+        return rng.choice(others)
 
     def write(self, out_dir: str | Path, augment: str | Iterable[str] | None = None, multi: int = 5) -> Path:
         """biographies.jsonl, qa_train.jsonl, qa_test.jsonl, people.jsonl in `out_dir` (replaced atomically)."""

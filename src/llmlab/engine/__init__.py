@@ -1,9 +1,12 @@
-"""Inference: sampling parameters, the generation engine (batched, streaming, beam search) and scoring."""
+"""Inference: sampling parameters, the generation engine (batched, n samples, streaming, beam search),
+constrained decoding and scoring."""
 
 from llmlab.engine.detokenize import IncrementalText
-from llmlab.engine.engine import Completion, Engine
+from llmlab.engine.engine import Engine
 from llmlab.engine.sampling import (SamplingParams, apply_repetition_penalty, min_p_filter, new_generator,
-                                    sample_next, top_k_filter, top_p_filter)
+                                    row_generator, sample_next, top_k_filter, top_p_filter)
+from llmlab.engine.sequence import Completion, Sequence, TokenInfo
 
-__all__ = ["Completion", "Engine", "IncrementalText", "SamplingParams", "apply_repetition_penalty",
-           "min_p_filter", "new_generator", "sample_next", "top_k_filter", "top_p_filter"]
+__all__ = ["Completion", "Engine", "IncrementalText", "SamplingParams", "Sequence", "TokenInfo",
+           "apply_repetition_penalty", "min_p_filter", "new_generator", "row_generator", "sample_next",
+           "top_k_filter", "top_p_filter"]

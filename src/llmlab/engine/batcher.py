@@ -22,47 +22,18 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from llmlab.engine.detokenize import IncrementalText
-from llmlab.engine.sampling import SamplingParams, new_generator, sample_next
+from llmlab.engine.sampling import SamplingParams
+from llmlab.engine.sequence import Sequence, TokenInfo, new_sequence, step
 from llmlab.errors import LLMLabError
+
+__all__ = ["ContinuousBatcher", "Request", "Sequence", "TokenInfo"]
 
 log = logging.getLogger("llmlab.batcher")
 
 VIEW_ROUNDING = 64  # each step attends over the cache only up to the longest busy row, rounded up to this
 PREFIX_MIN_TOKENS = 32  # shorter shared prefixes are not worth a lookup
 PREFIX_CACHE_ENTRIES = 4  # prefilled prompts kept for prefix reuse (a few MB each for a small model)
-
-
-@dataclass
-class TokenInfo:
-    """One generated token, for logprobs in responses."""
-    id: int
-    logprob: float | None = None
-    top: dict[int, float] | None = None
-
-
-@dataclass
-class Sequence:
-    """One completion being generated in one row of the batch cache."""
-    request: "Request"
-    index: int  # which of the request's n completions
-    generator: torch.Generator
-    text: IncrementalText
-    constraint: object | None = None  # e.g. a JsonConstraint: decides which tokens may come next
-    row: int = -1
-    pos: int = 0  # where the next fed token is written in the cache
-    limit: int = 0  # most tokens it may sample
-    sampled: int = 0  # tokens sampled, counting a stop token
-    tokens: list[TokenInfo] = field(default_factory=list)
-    unsent: list[TokenInfo] = field(default_factory=list)  # tokens not yet handed to the sink
-    seen: torch.Tensor | None = None  # for the repetition penalty
-    finish_reason: str | None = None
-
-    @property
-    def token_ids(self) -> list[int]:
-        return [t.id for t in self.tokens]
 
 
 @dataclass
@@ -73,7 +44,7 @@ class Request:
     params: SamplingParams
     sink: Callable[[tuple], None]
     n: int = 1
-    constraint_factory: Callable[[], object] | None = None
+    constraint_factory: Callable[[], object] | None = None  # one llmlab.engine.constraint.Constraint per sample
     timeout: float | None = None  # seconds from submission
     id: int = 0
     submitted: float = 0.0
@@ -192,8 +163,7 @@ class ContinuousBatcher:
         busy = [s for s in self.rows if s is not None]
         if not busy:
             return
-        for seq in busy:
-            self._sample(seq)
+        self._sample(busy)
         still = [s for s in busy if s.finish_reason is None]
         if still:
             self._decode(still)
@@ -227,18 +197,11 @@ class ContinuousBatcher:
                 return
             self.waiting.popleft()
             last, prefilled = self._prefill(req.prompt_ids)
+            limit = min(req.params.max_new_tokens, self.max_len - len(req.prompt_ids))
             for index, row in zip(range(req.n), free):
-                params = req.params
-                seed = None if params.seed is None else params.seed + index  # n different but reproducible
-                seq = Sequence(request=req, index=index, generator=new_generator(seed, self.device),
-                               text=IncrementalText(self.tokenizer, [params.stop] if isinstance(params.stop, str)
-                                                    else list(params.stop)),
-                               constraint=req.constraint_factory() if req.constraint_factory else None,
-                               row=row, pos=len(req.prompt_ids),
-                               limit=min(params.max_new_tokens, self.max_len - len(req.prompt_ids)))
-                if params.repetition_penalty != 1.0:
-                    seq.seen = torch.zeros(1, last.shape[-1], dtype=torch.bool, device=self.device)
-                    seq.seen[0, torch.tensor(req.prompt_ids, device=self.device)] = True
+                seq = new_sequence(self.tokenizer, req.params, req.prompt_ids, limit, index, req.constraint_factory,
+                                   last.shape[-1], self.device)
+                seq.request, seq.row = req, row
                 req.sequences.append(seq)
                 self.rows[row] = seq
                 self.cache.copy_row(row, prefilled, length=len(req.prompt_ids))
@@ -272,54 +235,25 @@ class ContinuousBatcher:
                 self.prefixes.popitem(last=False)
         return last, one
 
-    def _sample(self, seq: Sequence):
-        """Choose the row's next token from its pending logits and hand out any text that became final."""
-        params, req = seq.request.params, seq.request
-        logits = self.logits.pop(seq.row)
-        if seq.constraint is not None:
-            forced = seq.constraint.forced_tokens(seq.limit - seq.sampled)
-            tokens = forced if forced is not None else [seq.constraint.choose(logits, params, seq.generator)]
-        else:
-            tokens = [int(sample_next(logits, params, seq.generator, seq.seen)[0])]
-        logp = F.log_softmax(logits, dim=-1)[0] if params.logprobs else None
-        stop_ids = set() if params.ignore_eos else set(
-            self.tokenizer.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids)
-        for k, token in enumerate(tokens):
-            seq.sampled += 1
-            if seq.seen is not None:
-                seq.seen[0, token] = True
-            if token in stop_ids and seq.constraint is None:
-                self._finish(seq, "stop")
-                return
-            info = TokenInfo(token)
-            if logp is not None and k == 0:  # forced tokens past the first have no distribution of their own
-                info.logprob = float(logp[token])
-                if params.top_logprobs:
-                    top = logp.topk(min(params.top_logprobs, logp.shape[-1]))
-                    info.top = dict(zip(top.indices.tolist(), top.values.tolist()))
-            seq.tokens.append(info)
-            seq.unsent.append(info)
-            seq.text.add(token)
-            if seq.constraint is not None:
-                seq.constraint.advance(token)
-        if seq.text.stopped:
-            self._finish(seq, "stop")
-        elif seq.constraint is not None and seq.constraint.finished:
-            # a complete JSON value ends the answer; "length" when it was closed early for the token budget
-            self._finish(seq, "length" if getattr(seq.constraint, "was_forced", False) else "stop")
-        elif seq.sampled >= seq.limit:
-            self._finish(seq, "length")
-        else:
+    def _sample(self, seqs: list[Sequence]):
+        """Choose each row's next token from its pending logits (the step shared with Engine) and hand out any
+        text that became final."""
+        step(seqs, [self.logits.pop(seq.row) for seq in seqs])
+        for seq in seqs:
+            if seq.finish_reason is not None:
+                self._finish(seq, seq.finish_reason)
+                continue
             delta = seq.text.take()
             if delta:
-                req.sink(("delta", seq.index, delta, seq.unsent))
+                seq.request.sink(("delta", seq.index, delta, seq.unsent))
                 seq.unsent = []
 
     def _finish(self, seq: Sequence, reason: str):
-        if seq.finish_reason is not None:
+        """Hand out the rest of the text and the finish event, and free the row (once per sequence)."""
+        if self.rows[seq.row] is not seq:
             return
-        seq.finish_reason = reason
-        seq.text.close()
+        if seq.finish_reason is None:
+            seq.finish(reason)
         delta = seq.text.take(final=True)
         if delta or seq.unsent:
             seq.request.sink(("delta", seq.index, delta, seq.unsent))

@@ -83,12 +83,18 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-                seen: torch.Tensor | None = None) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V). seen (B, V) marks prompt + generated tokens for the penalty.
+                seen: torch.Tensor | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V). seen (B, V) marks prompt + generated tokens for the penalty;
+    allowed (B, V') marks the tokens a constraint permits (V' <= V: tokens past the tokenizer's are never allowed).
 
-    Order as in Hugging Face: repetition penalty, temperature, top-k, top-p, min-p, then one draw.
+    The constraint's mask comes first, so every option below works under it; then, as in Hugging Face,
+    repetition penalty, temperature, top-k, top-p, min-p, and one draw.
     """
     logits = logits.float()
+    if allowed is not None:
+        if allowed.shape[-1] < logits.shape[-1]:
+            allowed = torch.nn.functional.pad(allowed, (0, logits.shape[-1] - allowed.shape[-1]), value=False)
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if params.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0:
@@ -99,6 +105,12 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     logits = min_p_filter(logits, params.min_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def row_generator(seed: int | None, index: int, device="cpu") -> torch.Generator:
+    """The random stream of sample `index` of a prompt: seed + index, so a prompt's samples do not depend on what
+    else is batched with it, and the engine, the batcher (the server) and the client agree for the same seed."""
+    return new_generator(None if seed is None else seed + index, device)
 
 
 def new_generator(seed: int | None, device="cpu") -> torch.Generator:

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from llmlab.eval.backend import GenParams, as_backend
+from llmlab.client import GenParams, as_client
 from llmlab.eval.metrics import fuzzy_ratio
 from llmlab.io import atomic_write_text
 
@@ -37,7 +37,7 @@ def check_contamination(backend, texts: list[str], threshold: float = 0.8, out_d
                         max_tokens: int | None = None) -> dict:
     """Per text: prompt with its first half (raw, no chat template), greedy continuation as long as the second
     half; exact (prefix) and fuzzy (word-level ratio) overlap; flagged when fuzzy >= threshold."""
-    backend = as_backend(backend)
+    backend = as_client(backend)
     prompts, rests = [], []
     for t in texts:
         split = t.split()

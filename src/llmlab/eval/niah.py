@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from llmlab.errors import LLMLabError
-from llmlab.eval.backend import GenParams, as_backend
+from llmlab.client import GenParams, as_client
 from llmlab.eval.metrics import fuzzy_contains, normalize_answer
 from llmlab.io import atomic_write_text
 
@@ -52,7 +52,7 @@ def haystack(tokenizer_count, n_tokens: int, needle: str, depth: float, seed: in
 def run_niah(backend, lengths=(256, 512, 1024), depths=(0.0, 0.25, 0.5, 0.75, 1.0), out_dir=None,
              max_tokens: int = 24, seed: int = 0) -> dict:
     """Score every (depth, length) cell; writes items.jsonl, summary.json and heatmap.png when out_dir is given."""
-    backend = as_backend(backend)
+    backend = as_client(backend)
     if not lengths or not depths:
         raise LLMLabError("needle in a haystack needs at least one length and one depth")
     for d in depths:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmlab.eval.backend import as_backend
+from llmlab.client import as_client
 from llmlab.io import atomic_write_text
 
 
@@ -29,7 +29,7 @@ def order_sensitivity(backend, items: list[dict], question_field="question", cho
                       gold_field="gold", context_field: str | None = None, out_dir=None) -> dict:
     """Items {question, choices, gold}; each is asked under every rotation of its options, answered by the
     log-likelihood of the letters " A", " B", ..."""
-    backend = as_backend(backend)
+    backend = as_client(backend)
     pairs, meta = [], []
     for it in items:
         opts = [str(c) for c in it[choices_field]]

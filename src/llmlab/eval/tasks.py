@@ -3,6 +3,8 @@ backend on them, writing every item as it completes (so a rerun resumes) and a s
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib
 import importlib.util
 import json
@@ -16,7 +18,7 @@ import yaml
 
 from llmlab.errors import LLMLabError
 from llmlab.eval import metrics
-from llmlab.eval.backend import Backend, GenParams, as_backend
+from llmlab.client import GenParams, ModelClient, as_client
 from llmlab.io import atomic_write_text
 
 TYPES = ("multiple_choice", "generation", "perplexity", "bleu", "rouge")
@@ -175,11 +177,17 @@ def load_checker(spec: str, base: Path):
 
 
 class ItemLog:
-    """items.jsonl written line by line as items complete; on reopening, the ids already there are skipped."""
+    """items.jsonl written line by line as items complete; on reopening, the ids already there are skipped.
 
-    def __init__(self, path: Path):
+    `identity` (the model and the settings that make the results what they are) is kept beside the log, in
+    NAME.run.json: a rerun with another model or other settings is refused instead of mixing its results in.
+    """
+
+    def __init__(self, path: Path, identity: dict | None = None):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        if identity is not None:
+            check_run_identity(path.with_suffix(".run.json"), identity)
         self.done: dict = {}
         if path.exists():
             good = []
@@ -208,11 +216,28 @@ def _key(x) -> str:
     return json.dumps(x)
 
 
+def check_run_identity(path: Path, identity: dict):
+    """Write `identity` on a first run; refuse a resumed run whose identity differs (one line naming what)."""
+    identity = json.loads(json.dumps(identity, default=str))  # as it reads back from the file
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            saved = None
+        if saved != identity:
+            diff = sorted(k for k in set(identity) | set(saved or {}) if (saved or {}).get(k) != identity.get(k))
+            raise LLMLabError(f"{path.parent} holds results of another run (different {', '.join(diff) or 'settings'}"
+                              f": {(saved or {}).get(diff[0]) if diff else ''!s:.80} there); give another --out "
+                              "or delete that directory")
+    else:
+        atomic_write_text(path, json.dumps(identity, indent=2) + "\n")
+
+
 def run_task(task: Task | str, backend, out_dir: str | Path, limit: int | None = None, chunk: int = 16,
              progress=None) -> dict:
     """Score `backend` on `task`; writes OUT/NAME/items.jsonl and OUT/NAME/summary.json; returns the summary."""
     task = task if isinstance(task, Task) else load_task(task)
-    backend = as_backend(backend)
+    backend = as_client(backend)
     items = task.load_items()
     shots: list[dict] = []
     if task.fewshot:
@@ -227,7 +252,9 @@ def run_task(task: Task | str, backend, out_dir: str | Path, limit: int | None =
     if not items:
         raise LLMLabError(f"task {task.name} has no items")
     out = Path(out_dir) / task.name
-    log = ItemLog(out / "items.jsonl")
+    settings = {k: v for k, v in dataclasses.asdict(task).items() if k != "path"}
+    model = getattr(backend, "model_id", backend.name)
+    log = ItemLog(out / "items.jsonl", identity={"model": model, "task": settings})
     todo = [it for it in items if _key(it["id"]) not in log.done]
     scorer = ItemScorer(task, shots)
     try:
@@ -266,7 +293,7 @@ class ItemScorer:
             parts.append(t.render(t.prompt, ex) + answer)
         return "".join(p + "\n\n" for p in parts)
 
-    def score(self, items: list[dict], backend: Backend) -> list[dict]:
+    def score(self, items: list[dict], backend: ModelClient) -> list[dict]:
         t = self.task
         if t.type == "multiple_choice":
             return self._multiple_choice(items, backend)
@@ -299,7 +326,7 @@ class ItemScorer:
         return out
 
     def _perplexity(self, items, backend):
-        lls = backend.loglikelihood([("", it["text"]) for it in items])
+        lls = backend.loglikelihood_rolling([it["text"] for it in items])
         return [{"id": it["id"], "prompt": "", "output": None, "logprob": x.logprob, "n_tokens": x.n_tokens,
                  "n_bytes": len(it["text"].encode("utf-8")), "tokens": x.n_tokens,
                  "text": it["text"]} for it, x in zip(items, lls)]

@@ -14,6 +14,11 @@ class ConfigError(LLMLabError, ValueError):
     """A config.json that llmlab cannot represent."""
 
 
+# MoE settings Hugging Face's Mixtral config has no key for (Switch routing, expert capacity), written under
+# llmlab's own names in config.json
+LLMLAB_MOE_KEYS = ("llmlab_moe_normalize_topk", "llmlab_moe_capacity_factor")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 32000
@@ -134,7 +139,7 @@ class ModelConfig:
             "rope_parameters", "rms_norm_eps", "attention_bias", "mlp_bias", "tie_word_embeddings",
             "num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "bos_token_id", "eos_token_id",
             "pad_token_id", "model_type", "architectures", "hidden_act", "torch_dtype", "dtype",
-            "transformers_version",
+            "transformers_version", *LLMLAB_MOE_KEYS,
         }
         # keep unknown fields for the round trip, but not in-memory artefacts or a quantization that we undid
         extra = {k: v for k, v in hf.items()
@@ -150,6 +155,8 @@ class ModelConfig:
             n_experts=hf.get("num_local_experts", 0) if model_type == "mixtral" else 0,
             n_experts_per_token=hf.get("num_experts_per_tok", 2),
             moe_aux_loss_coef=hf.get("router_aux_loss_coef", 0.01),
+            moe_normalize_topk=bool(hf.get("llmlab_moe_normalize_topk", True)),
+            moe_capacity_factor=float(hf.get("llmlab_moe_capacity_factor", 0.0)),
             bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"), hf_model_type=model_type, extra_hf=extra,
         )
@@ -197,6 +204,10 @@ class ModelConfig:
         if model_type == "mixtral":
             hf.update(num_local_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_token,
                       router_aux_loss_coef=self.moe_aux_loss_coef)
+            # Mixtral has no key for these: llmlab's own keys, which transformers keeps but does not use
+            # (its Mixtral always renormalises and has no capacity, so it computes such a model differently)
+            hf.update(llmlab_moe_normalize_topk=self.moe_normalize_topk,
+                      llmlab_moe_capacity_factor=self.moe_capacity_factor)
         return hf
 
     @classmethod

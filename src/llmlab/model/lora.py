@@ -227,14 +227,3 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             with torch.no_grad():
                 mine.copy_(t.to(mine.dtype))
     return model
-
-
-def load_with_adapter(base: str | Path, adapter: str | Path, merge: bool = False, dtype=None):
-    """llmlab.load(base) with a LoRA adapter on top (merged into the weights, or kept separate)."""
-    from llmlab.api import LLM, load_checkpoint
-
-    model, tokenizer, path = load_checkpoint(base, dtype)
-    load_adapter(model, adapter)
-    if merge:
-        merge_lora(model)
-    return LLM(model.eval(), tokenizer, path)

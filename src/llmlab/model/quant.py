@@ -4,7 +4,11 @@ Decoding one token reads every weight once, so its speed is the speed of streami
 CPU kernel for grouped 4-bit weights (`_weight_int4pack_mm_for_cpu`, bf16 activations) does that about 4×
 faster than its bf16 matrix-vector product, but it is slower than a dense matmul once a call has more than a
 few rows. So quantizing keeps the dense weights for prefill and training, and adds a packed 4-bit copy that
-the forward pass uses for calls of at most `INT4_MAX_ROWS` rows (decode steps of small batches).
+calls of at most `INT4_MAX_ROWS` rows use (decode steps of small batches).
+
+The transformer knows nothing of this: quantize_int4 swaps in, from outside, modules that hold both. Single
+projections become an `Int4Linear`; attention and SwiGLU blocks become `Int4Attention` / `Int4SwiGLU`,
+the same modules (same parameters, same names) whose q/k/v and gate/up projections run as one 4-bit call.
 
 Q4_1 stores w = d·q + m with q in 0..15; the kernel computes (q − 8)·scale + zero. With scale = d and
 zero = m + 8d the two are the same, so a Q4_1 GGUF (SmolLM2's) is re-packed exactly, up to bf16 scales:
@@ -17,6 +21,8 @@ import torch
 import torch.nn as nn
 
 from llmlab.errors import LLMLabError
+from llmlab.model.lora import lora_layers
+from llmlab.model.transformer import MLP, Attention, Linear
 
 INT4_MAX_ROWS = 4  # measured: at 8 rows the dense bf16 matmul is already faster than the 4-bit kernel
 
@@ -83,23 +89,56 @@ def use_int4(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.numel() <= INT4_MAX_ROWS * x.shape[-1]
 
 
-def quantize_int4(model, group_size: int = 32):
-    """Give every attention block and MLP of a dense model its 4-bit copy, and the output head an 8-bit one."""
-    from llmlab.model.lora import lora_layers
-    from llmlab.model.transformer import MLP, Attention
+class Int4Linear(Linear):
+    """A Linear plus a 4-bit copy of its weight, which calls of few rows use.
 
+    The weight and bias are the very Parameters of the Linear it replaces: a tied head stays tied, and
+    training, prefill and checkpoints see the same dense layer under the same names.
+    """
+
+    def __init__(self, linear: nn.Linear, group_size: int = 32, bits: int = 4):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight, self.bias = linear.weight, linear.bias
+        self.int4 = Int4Matmul([linear], group_size, bits)
+
+    def forward(self, x):
+        return self.int4(x)[0] if use_int4(x) else super().forward(x)
+
+
+class Int4Attention(Attention):
+    """Attention whose q, k and v projections of few rows are one 4-bit call (qkv_int4)."""
+
+    def project_qkv(self, x):
+        return self.qkv_int4(x) if use_int4(x) else super().project_qkv(x)
+
+
+class Int4SwiGLU(MLP):
+    """A SwiGLU MLP whose gate and up projections of few rows are one 4-bit call (gate_up_int4)."""
+
+    def project_gate_up(self, x):
+        return self.gate_up_int4(x) if use_int4(x) else super().project_gate_up(x)
+
+
+def quantize_int4(model, group_size: int = 32):
+    """Give every attention block and MLP of a dense model its 4-bit copies, and the output head an 8-bit one."""
     if model.model.embed_tokens.weight.device.type != "cpu":
         raise LLMLabError("4-bit decoding uses a CPU kernel; the model is not on the CPU")
     if lora_layers(model):
         raise LLMLabError("this model has LoRA adapters: merge them first (llmlab merge) to decode in 4 bits")
-    for module in model.modules():
-        if isinstance(module, Attention):
+    for module in list(model.modules()):
+        # fusing projections that read the same input halves the per-call overhead that dominates matrices
+        # this small; the module keeps its identity, parameters and names and only gains the fused copy
+        if type(module) is Attention:
             module.qkv_int4 = Int4Matmul([module.q_proj, module.k_proj, module.v_proj], group_size)
-            module.o_int4 = Int4Matmul([module.o_proj], group_size)
-        elif isinstance(module, MLP):
-            first = [module.gate_proj, module.up_proj] if module.swiglu else [module.up_proj]
-            module.in_int4 = Int4Matmul(first, group_size)
-            module.down_int4 = Int4Matmul([module.down_proj], group_size)
-    if model.config.vocab_size % 16 == 0:  # else the head stays dense (e.g. GPT-2's 50,257 tokens)
-        model.head_int4 = Int4Matmul([model.lm_head], group_size, bits=8)
+            module.__class__ = Int4Attention
+            module.o_proj = Int4Linear(module.o_proj, group_size)
+        elif type(module) is MLP:
+            if module.swiglu:
+                module.gate_up_int4 = Int4Matmul([module.gate_proj, module.up_proj], group_size)
+                module.__class__ = Int4SwiGLU
+            else:
+                module.up_proj = Int4Linear(module.up_proj, group_size)
+            module.down_proj = Int4Linear(module.down_proj, group_size)
+    if model.config.vocab_size % 16 == 0 and not isinstance(model.lm_head, Int4Linear):
+        model.lm_head = Int4Linear(model.lm_head, group_size, bits=8)  # else dense (e.g. GPT-2's 50,257 tokens)
     return model

@@ -13,7 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmlab.model.config import ModelConfig
-from llmlab.model.quant import use_int4
 
 
 class RMSNorm(nn.Module):
@@ -130,14 +129,14 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
-        self.qkv_int4 = self.o_int4 = None  # 4-bit copies for decoding (llmlab.model.quant.quantize_int4)
+
+    def project_qkv(self, x):
+        """Queries, keys and values of x: three projections of the same input (a subclass may fuse them)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, rope, mask, kv_cache, input_pos):
         B, T, _ = x.shape
-        if self.qkv_int4 is not None and use_int4(x):
-            q, k, v = self.qkv_int4(x)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.project_qkv(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -151,7 +150,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, -1)
-        return self.o_int4(y)[0] if self.o_int4 is not None and use_int4(y) else self.o_proj(y)
+        return self.o_proj(y)
 
 
 class MLP(nn.Module):
@@ -162,16 +161,15 @@ class MLP(nn.Module):
             self.gate_proj = Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
         self.up_proj = Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
         self.down_proj = Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
-        self.in_int4 = self.down_int4 = None  # 4-bit copies for decoding (llmlab.model.quant.quantize_int4)
+
+    def project_gate_up(self, x):
+        """SwiGLU's gate and up projections of x (a subclass may fuse them)."""
+        return self.gate_proj(x), self.up_proj(x)
 
     def forward(self, x):
-        if self.in_int4 is not None and use_int4(x):
-            if self.swiglu:
-                gate, up = self.in_int4(x)
-                return self.down_int4(F.silu(gate) * up)[0]
-            return self.down_int4(F.gelu(self.in_int4(x)[0], approximate="tanh"))[0]
         if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = self.project_gate_up(x)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 
@@ -249,7 +247,6 @@ class Transformer(nn.Module):
         self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.head_int4 = None  # 4-bit copy of lm_head for decoding (llmlab.model.quant.quantize_int4)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def init_weights(self, seed: int | None = None):
@@ -303,8 +300,6 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         if last_only:
             x = x[:, -1:]
-        if self.head_int4 is not None and use_int4(x):
-            return self.head_int4(x)[0]
         return self.lm_head(x)
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:

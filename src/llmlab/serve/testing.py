@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -16,9 +15,9 @@ def running_server(llm_or_name="smollm2", **options):
     """Start uvicorn with an llmlab server on 127.0.0.1 (a free port); yield its base URL ("http://127.0.0.1:PORT",
     so the OpenAI API is at base + "/v1"); stop it on exit. options: ServerOptions fields (api_keys, max_batch,
     max_len, max_queue, request_timeout, max_body_bytes, db, log_prompts, prefix_cache, model_name)."""
-    import uvicorn
-
-    from llmlab.serve.app import ServerOptions, create_app
+    from llmlab.serve.app import create_app
+    from llmlab.serve.run import address, bind, uvicorn_server
+    from llmlab.serve.state import ServerOptions
 
     known = {f.name for f in fields(ServerOptions)}
     unknown = set(options) - known
@@ -31,11 +30,8 @@ def running_server(llm_or_name="smollm2", **options):
     else:
         llm = llm_or_name
     app = create_app(llm, ServerOptions(**options))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2))
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn_server(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="llmlab-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -44,7 +40,7 @@ def running_server(llm_or_name="smollm2", **options):
             raise LLMLabError("the test server did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield address(sock)
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -1,7 +1,8 @@
 """Tokenizer: a thin wrapper over Hugging Face `tokenizers` (byte-level BPE) plus chat templates.
 
-It loads from a Hugging Face checkpoint directory (tokenizer.json + tokenizer_config.json) or from the
-metadata of a llama.cpp GGUF file, and saves back to the Hugging Face layout so transformers can read it.
+It loads from a Hugging Face checkpoint directory (tokenizer.json + tokenizer_config.json), or wraps any
+`tokenizers` backend (llmlab.checkpoint.gguf builds one from a GGUF file's metadata), and saves back to the
+Hugging Face layout so transformers can read it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
 from llmlab.errors import LLMLabError
@@ -18,38 +18,6 @@ from llmlab.io import atomic_write_text
 
 # Tokens that end a turn in the common chat formats; whichever exist in a vocabulary stop generation.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<|end_of_text|>", "</s>", "<end_of_turn>")
-
-# Pre-tokenizer split regexes by llama.cpp's `tokenizer.ggml.pre` name (as llama.cpp and transformers use them);
-# GPT-2's own regex is built into the ByteLevel pre-tokenizer.
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# digits one by one, then GPT-2's split: how StarCoder and SmolLM tokenizers were trained
-DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r")
-SPLIT_BY_PRE = {
-    **{name: LLAMA3_SPLIT for name in ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx")},
-    **{name: QWEN2_SPLIT for name in ("qwen2", "deepseek-r1-qwen")},
-}
-
-TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 3, 4
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level alphabet: each byte spelled as a printable unicode character."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def _token_str(tok) -> str | None:
@@ -103,71 +71,6 @@ class Tokenizer:
             chat_template=template, add_bos=bool(config.get("add_bos_token", False)),
             model_max_length=int(max_len) if isinstance(max_len, (int, float)) and max_len < 1e12 else None,
         )
-
-    @classmethod
-    def from_gguf(cls, reader_or_path) -> "Tokenizer":
-        """The tokenizer described by a GGUF file's metadata (byte-level BPE, `tokenizer.ggml.model == "gpt2"`)."""
-        from llmlab.checkpoint.gguf import open_gguf, field_value
-
-        reader = open_gguf(reader_or_path) if isinstance(reader_or_path, (str, Path)) else reader_or_path
-
-        def meta(key, default=None):
-            return field_value(reader, key, default)
-
-        kind = meta("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise LLMLabError(
-                f"unsupported GGUF tokenizer {kind!r} (llmlab reads byte-level BPE, tokenizer.ggml.model 'gpt2')")
-        tokens = meta("tokenizer.ggml.tokens")
-        merges = meta("tokenizer.ggml.merges", [])
-        token_types = meta("tokenizer.ggml.token_type") or [1] * len(tokens)
-        # llama.cpp stores byte-level tokens already spelled in GPT-2's alphabet; respell any that are not
-        spelling = _bytes_to_unicode()
-        alphabet = set(spelling.values())
-        spelled = [t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")) for t in tokens]
-        vocab = {t: i for i, t in enumerate(spelled)}
-        backend = BackendTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
-
-        pre = meta("tokenizer.ggml.pre", "default")
-        if pre in SPLIT_BY_PRE:
-            backend.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(SPLIT_BY_PRE[pre]), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ])
-        elif pre in DIGITS_THEN_GPT2:
-            backend.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-            ])
-        else:  # "default", "gpt2" and anything unknown: GPT-2's own split (what transformers falls back to too)
-            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        backend.decoder = decoders.ByteLevel()
-
-        # control tokens (<|im_start|>, ...) must be matched whole in the text, never split into bytes;
-        # a "control" token outside the byte alphabet is a llama.cpp mislabel and is skipped, as transformers does
-        special = [AddedToken(t, normalized=False, special=True)
-                   for t, kind_ in zip(tokens, token_types) if kind_ == TOKEN_TYPE_CONTROL and set(t) <= alphabet]
-        if special:
-            backend.add_special_tokens(special)
-        user = [AddedToken(t, normalized=False, special=False)
-                for t, kind_ in zip(tokens, token_types) if kind_ == TOKEN_TYPE_USER_DEFINED and t in vocab]
-        if user:
-            backend.add_tokens(user)
-
-        def token(key):
-            i = meta(f"tokenizer.ggml.{key}")
-            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
-
-        bos = token("bos_token_id")
-        add_bos = bool(meta("tokenizer.ggml.add_bos_token", False)) and bos is not None
-        if add_bos:
-            backend.post_processor = processors.TemplateProcessing(
-                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-                special_tokens=[(bos, meta("tokenizer.ggml.bos_token_id"))])
-        context = meta(f"{meta('general.architecture')}.context_length")
-        return cls(backend, bos_token=bos, eos_token=token("eos_token_id"), pad_token=token("padding_token_id"),
-                   unk_token=token("unknown_token_id"), chat_template=meta("tokenizer.chat_template"),
-                   add_bos=add_bos, model_max_length=context)
 
     # ---- encoding ----------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from llmlab.engine.scoring import token_logprobs
 from llmlab.errors import LLMLabError
 from llmlab.train import distributed as D
 from llmlab.train.chat_data import RowBatches, collate_pairs, load_pairs, pair_rows
@@ -42,9 +43,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 def sequence_logps(model, ids: torch.Tensor, reply_mask: torch.Tensor) -> torch.Tensor:
     """Sum of log p(token) over the reply tokens of each row; ids (B, T), reply_mask (B, T) marks reply tokens."""
-    logits = model(ids[:, :-1]).float()
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-    return (logp * reply_mask[:, 1:]).sum(-1)
+    return (token_logprobs(model(ids[:, :-1]), ids[:, 1:]) * reply_mask[:, 1:]).sum(-1)
 
 
 @torch.no_grad()
@@ -147,7 +146,7 @@ def dpo_stage(model_path: str | Path, pairs_records: list[dict], eval_items: lis
     """For the speedrun: DPO on in-memory pairs; held-out verifiable accuracy before/after and the KL to the start.
 
     eval_items: [{"messages": [...], ...}], check(reply, item) -> bool."""
-    from llmlab.api import load_checkpoint
+    from llmlab.checkpoint.load import load_checkpoint
     from llmlab.train.chat_data import preference_pair
     from llmlab.train.rl import kl_to_reference
     from llmlab.train.sft import answer

@@ -38,10 +38,10 @@ def measure_peak_flops(dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
     """Best FLOP/s of a large square matmul: the most this device does for our kind of work."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    best, start = 0.0, time.perf_counter()
     for _ in range(2):  # warm up: first calls pick kernels / pack weights
         a @ b
-    while time.perf_counter() - start < seconds:
+    best, start = 0.0, time.perf_counter()
+    while best == 0.0 or time.perf_counter() - start < seconds:  # at least one timed call, however busy the machine
         t = time.perf_counter()
         a @ b
         if device != "cpu":
@@ -59,7 +59,7 @@ def peak_flops(dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> floa
         table = json.loads(file.read_text())
     except (OSError, ValueError):
         table = {}
-    if key not in table:
+    if not table.get(key):  # a 0 cached by an older version that could time no call on a busy machine
         table[key] = measure_peak_flops(dtype, device)
         try:
             atomic_write_text(file, json.dumps(table, indent=2) + "\n")

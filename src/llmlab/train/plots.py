@@ -1,4 +1,4 @@
-"""Loss-curve PNGs from metrics.jsonl (matplotlib, Agg backend: no display needed)."""
+"""Loss (or, for RL, reward) curve PNGs from metrics.jsonl (matplotlib, Agg backend: no display needed)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 from llmlab.io import atomic_write_bytes
+from llmlab.train.metrics import read_metrics
 
 
 def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> Path:
@@ -13,18 +14,18 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from llmlab.train.loop import read_metrics
-
     records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if any("reward" in r for r in records):  # RL: the reward is the curve to watch; its policy loss is not
+        curves, ylabel = [("reward", "train reward"), ("eval_score", "held-out score")], "reward"
+    else:
+        curves, ylabel = [("loss", "train loss"), ("val_loss", "val loss")], "loss (nats/token)"
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="val loss", markersize=3)
+    for (key, label), style in zip(curves, ("-", "o-")):
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        if points:
+            ax.plot(*zip(*points), style, label=label, linewidth=1, markersize=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -1,18 +1,18 @@
-"""Reinforcement learning from rewards: on-policy sampling with the engine, then PPO or GRPO updates.
+"""Reinforcement learning from rewards (PPO or GRPO), as an objective of the one training loop.
 
-Each step: sample `group_size` replies to each of `prompts_per_step` prompts (the engine, temperature 1),
-score them (a Python function of the reply, i.e. a verifiable reward, or a reward model), compute the
-log-probabilities of the sampled tokens under the policy as it was (old) and under the reference model, and
-take `update_epochs` passes of clipped-ratio policy-gradient updates.
-
-Checkpoints (every `save_every` steps, at the end and on Ctrl-C) hold the trainable weights, the optimizer, the
-prompt sampler's and the global RNG states: `resume=True` continues from the last one exactly as if the run had
-never stopped (rollouts are seeded per step, and the reference is rebuilt from the starting checkpoint).
+The batch source is rollouts: each round samples `group_size` replies to each of `prompts_per_step` prompts with
+the engine, scores them (a Python function of the reply, i.e. a verifiable reward, or a reward model), takes
+the log-probabilities of the sampled tokens under the policy as it is (old) and the reference, the advantages,
+and serves the rollout as minibatches, `update_epochs` shuffled passes; the loss is the clipped-ratio policy
+gradient. One RL step (a rollout) is `updates_per_rollout` loop steps, and the loop saves (and stops on Ctrl-C)
+only between rollouts (Objective.steps_per_round), so a resumed run continues exactly as if it had never stopped
+(rollouts are seeded per round, and the reference is rebuilt from the starting checkpoint).
 
 GRPO: the advantage of a reply is its reward standardised within its group (no value function); the KL to the
 reference is a loss term (the k3 estimator, as in DeepSeekMath). PPO: a value head on the policy's last hidden
 state, per-token rewards -kl_coef * (log pi_old - log pi_ref) with the reward added at the last token, GAE
-advantages, and a value loss. Under LoRA the reference is the same model with its adapter switched off.
+advantages, and a value loss; the head is a submodule of the policy while it trains, so the loop's one optimizer
+and its checkpoints hold it. Under LoRA the reference is the same model with its adapter switched off.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import random
-import signal
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,25 +29,28 @@ import torch
 import torch.nn as nn
 
 from llmlab.engine import Engine, SamplingParams
+from llmlab.engine.scoring import token_logprobs
 from llmlab.errors import LLMLabError
+from llmlab.train import distributed as D
 from llmlab.train.chat_data import render_prompt, render_reply
-from llmlab.train.ckpt import load_checkpoint, save_checkpoint, set_rng_state, step_dir_name
-from llmlab.train.loop import CtrlC, MetricsLog, _in_main_thread, check_same_config, read_metrics
-from llmlab.train.optim import lr_at, make_optimizer, set_lr
+from llmlab.train.ckpt import read_latest_name
+from llmlab.train.config import TrainConfig
+from llmlab.train.loop import Objective, train
+from llmlab.train.metrics import MetricsLog, read_metrics
 
 
 @dataclass
 class RLConfig:
     algo: str = "grpo"  # "grpo" | "ppo"
     out_dir: str = "out_rl"
-    steps: int = 50
+    steps: int = 50  # rollouts
     prompts_per_step: int = 8
     group_size: int = 4  # replies sampled per prompt
     max_new_tokens: int = 32
     temperature: float = 1.0
     lr: float = 1e-5
     min_lr: float = 1e-6
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # in rollouts
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     kl_coef: float = 0.04  # beta: weight of the KL to the reference
@@ -60,8 +62,8 @@ class RLConfig:
     vf_coef: float = 0.1  # PPO value loss weight
     seed: int = 0
     threads: int = 0
-    eval_every: int = 0  # 0: only before and after
-    save_every: int = 10  # checkpoint every N steps (0: only at the end and on Ctrl-C)
+    eval_every: int = 0  # in rollouts; 0: only before and after
+    save_every: int = 10  # checkpoint every N rollouts (0: only at the end and on Ctrl-C)
     keep_last: int = 1  # checkpoints kept
 
     def validate(self):
@@ -73,6 +75,22 @@ class RLConfig:
             if getattr(self, name) < 1:
                 raise LLMLabError(f"{name} must be at least 1, got {getattr(self, name)}")
         return self
+
+    @property
+    def updates_per_rollout(self) -> int:
+        sequences = self.prompts_per_step * self.group_size
+        return self.update_epochs * -(-sequences // self.minibatch)
+
+    def train_config(self) -> TrainConfig:
+        """The loop's settings: counts of rollouts become counts of optimizer updates. Weights stay fp32 without
+        autocast, because PPO's ratios live on small differences of log-probabilities."""
+        n = self.updates_per_rollout
+        return TrainConfig(out_dir=self.out_dir, seed=self.seed, seq_len=self.max_new_tokens,
+                           micro_batch=self.minibatch, max_steps=self.steps * n, lr=self.lr, min_lr=self.min_lr,
+                           warmup_steps=self.warmup_steps * n, weight_decay=self.weight_decay,
+                           grad_clip=self.grad_clip, dtype="float32", threads=self.threads,
+                           eval_every=self.eval_every * n, save_every=self.save_every * n, keep_last=self.keep_last,
+                           progress=False)
 
 
 # ---- forward helpers -------------------------------------------------------------------------------------
@@ -96,15 +114,9 @@ class ValueHead(nn.Module):
         return self.head(self.hidden.float())[..., 0]
 
 
-def token_logps(model, ids: torch.Tensor, with_entropy: bool = False):
-    """log p(ids[:, t+1] | ids[:, :t+1]) for every t: (B, T-1); and the entropy of each next-token distribution."""
-    logits = model(ids[:, :-1]).float()
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, ids[:, 1:, None])[..., 0]
-    if not with_entropy:
-        return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+def token_logps(model, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids[:, t+1] | ids[:, :t+1]) for every t: (B, T-1)."""
+    return token_logprobs(model(ids[:, :-1]), ids[:, 1:])
 
 
 class Reference:
@@ -132,24 +144,38 @@ def end_of_turn_id(tokenizer) -> int | None:
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int):
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-    return ids
+    return nn.utils.rnn.pad_sequence([torch.tensor(s) for s in seqs], batch_first=True, padding_value=pad_id)
 
 
-# ---- rollouts ------------------------------------------------------------------------------------------
+def reply_mask(prompts, replies, T: int) -> torch.Tensor:
+    """(B, T-1) over the target positions: True where the target token is a reply token."""
+    mask = torch.zeros(len(prompts), T - 1, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, replies)):
+        mask[i, len(p) - 1:len(p) - 1 + len(r)] = True
+    return mask
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ---- rollouts: the batch source ---------------------------------------------------------------------------
 
 
 def rollout(model, tokenizer, items: list[dict], cfg: RLConfig, seed: int, eot: int | None):
-    """Sample group_size replies per item. Returns prompts, reply token lists (ending with the end-of-turn token
-    when the model stopped) and reply texts, all flattened item-major."""
+    """Sample group_size replies per item, from the random streams seed, seed + 1, ... Returns prompts, reply
+    token lists (ending with the end-of-turn token when the model stopped) and reply texts, all item-major."""
     engine = Engine(model, tokenizer)
     model.eval()
-    prompts = [render_prompt(tokenizer, it["messages"]) for it in items for _ in range(cfg.group_size)]
-    params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed)
-    done = engine.generate(prompts, params)
+    unique = [render_prompt(tokenizer, it["messages"]) for it in items]
+    prompts = [p for p in unique for _ in range(cfg.group_size)]
+    done = []
+    for j, prompt in enumerate(unique):
+        # one call per prompt: within a call the engine draws sample i of every prompt from the same stream
+        # seed + i, and a near-uniform policy then gave every prompt nearly the same group of replies
+        params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                seed=seed + j * cfg.group_size)
+        done += engine.generate([prompt], params, n=cfg.group_size)
     replies = []
     for c in done:
         tokens = list(c.token_ids)
@@ -174,8 +200,115 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv
 
 
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+@dataclass
+class Minibatch:
+    ids: torch.Tensor  # (B, T) prompt + reply, right-padded
+    mask: torch.Tensor  # (B, T-1) reply targets
+    old_logp: torch.Tensor  # (B, T-1) under the policy that sampled the rollout
+    ref_logp: torch.Tensor
+    adv: torch.Tensor  # (B, T-1) advantages, 0 off the reply
+    returns: torch.Tensor | None  # PPO: the value targets
+    stats: dict  # the whole rollout's reward, KL to the reference, reply length: logged with every update
+
+    def __getitem__(self, rows):
+        pick = lambda t: None if t is None else t[rows]
+        return Minibatch(self.ids[rows], self.mask[rows], self.old_logp[rows], self.ref_logp[rows],
+                         self.adv[rows], pick(self.returns), self.stats)
+
+
+class Rollouts:
+    """The RL batch source: a fresh rollout every updates_per_rollout steps, served as shuffled minibatches.
+
+    score(texts, items) -> rewards; check(text, item) -> bool, when given with a reward model, is logged next to
+    it as the verifiable score (reward hacking shows as the reward rising alone). The prompt sampler and the
+    minibatch order share one seeded RNG, whose state (with the round count) is where the source is."""
+
+    def __init__(self, model, tokenizer, items: list[dict], cfg: RLConfig, score, reference: Reference,
+                 value_head: ValueHead | None, check=None):
+        self.model, self.tokenizer, self.items, self.cfg = model, tokenizer, items, cfg
+        self.score, self.reference, self.value_head, self.check = score, reference, value_head, check
+        self.eot = end_of_turn_id(tokenizer)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eot or 0)
+        self.rng = random.Random(cfg.seed)
+        self.rounds = 0
+        self.queue: list[Minibatch] = []
+
+    def __next__(self) -> Minibatch:
+        if not self.queue:
+            data = self.make_rollout()
+            order = list(range(len(data.ids)))
+            for _ in range(self.cfg.update_epochs):
+                self.rng.shuffle(order)
+                self.queue += [data[order[i:i + self.cfg.minibatch]] for i in range(0, len(order), self.cfg.minibatch)]
+        return self.queue.pop(0)
+
+    def state_dict(self) -> dict:
+        assert not self.queue, "an RL batch source is saved only between rollouts (Objective.steps_per_round)"
+        return {"rounds": self.rounds, "sampler_rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict):
+        version, internal, gauss = state["sampler_rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.rounds, self.queue = state["rounds"], []
+
+    @torch.no_grad()
+    def make_rollout(self) -> Minibatch:
+        cfg, model = self.cfg, self.model
+        items = [self.items[self.rng.randrange(len(self.items))] for _ in range(cfg.prompts_per_step)]
+        seed = (cfg.seed * 1_000_003 + self.rounds) * cfg.prompts_per_step * cfg.group_size  # streams of its own
+        prompts, replies, texts = rollout(model, self.tokenizer, items, cfg, seed, self.eot)
+        self.rounds += 1
+        flat_items = [it for it in items for _ in range(cfg.group_size)]
+        R = torch.tensor(self.score(texts, flat_items), dtype=torch.float32)
+        ids = pad_batch([p + r for p, r in zip(prompts, replies)], self.pad)
+        mask = reply_mask(prompts, replies, ids.shape[1])
+        old_logp = token_logps(model, ids)  # in eval mode, as the engine sampled (no dropout)
+        old_values = self.value_head.values() if self.value_head is not None else None
+        ref_logp = self.reference.logps(ids)
+        model.train()
+        kl_tokens = (old_logp - ref_logp) * mask
+        stats = {"reward": R.mean().item(), "kl": kl_tokens.sum(-1).mean().item(),
+                 "response_length": sum(len(r) for r in replies) / len(replies)}
+        if self.check is not None:
+            stats["verifiable_score"] = sum(bool(self.check(t, it)) for t, it in zip(texts, flat_items)) / len(texts)
+        if cfg.algo == "grpo":
+            groups = R.view(-1, cfg.group_size)
+            adv_seq = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)
+            return Minibatch(ids, mask, old_logp, ref_logp, adv_seq.view(-1, 1).expand_as(old_logp) * mask, None,
+                             stats)
+        token_rewards = -cfg.kl_coef * kl_tokens
+        last = torch.tensor([len(p) - 2 + len(r) for p, r in zip(prompts, replies)])
+        token_rewards[torch.arange(len(ids)), last] += R
+        adv = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)
+        returns = adv + old_values
+        # whitening the advantages over the batch keeps the step size independent of the reward scale
+        adv = (adv - masked_mean(adv, mask)) * mask / (adv[mask].std() + 1e-8 if mask.sum() > 1 else 1.0)
+        return Minibatch(ids, mask, old_logp, ref_logp, adv, returns, stats)
+
+
+def make_policy_loss(cfg: RLConfig, value_head: ValueHead | None):
+    """The loop's loss of one minibatch: clipped-ratio policy gradient, plus GRPO's KL term or PPO's value loss."""
+
+    def loss_fn(model, mb: Minibatch):
+        device = next(model.parameters()).device
+        ids, m = mb.ids.to(device), mb.mask.to(device)
+        logits = model(ids[:, :-1])
+        logp = token_logprobs(logits, ids[:, 1:])
+        ratio = torch.exp(logp - mb.old_logp.to(device))
+        a = mb.adv.to(device)
+        loss = masked_mean(-torch.min(ratio * a, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * a), m)
+        if cfg.algo == "grpo":
+            log_r = mb.ref_logp.to(device) - logp
+            loss = loss + cfg.kl_coef * masked_mean(torch.exp(log_r) - log_r - 1, m)
+        else:
+            loss = loss + cfg.vf_coef * 0.5 * masked_mean((value_head.values() - mb.returns.to(device)) ** 2, m)
+        with torch.no_grad():
+            entropy = torch.distributions.Categorical(logits=logits.float()).entropy()
+            clipped = ((ratio - 1).abs() > cfg.clip_eps).float()
+        return loss, {**mb.stats, "entropy": masked_mean(entropy, m).item(),
+                      "clip_frac": masked_mean(clipped, m).item()}
+
+    return loss_fn
 
 
 # ---- evaluation ----------------------------------------------------------------------------------------
@@ -189,20 +322,9 @@ def kl_to_reference(model, reference, tokenizer, prompts_messages: list[list[dic
     eot = end_of_turn_id(tokenizer)
     cfg = RLConfig(group_size=1, max_new_tokens=max_new_tokens)
     prompts, replies, _ = rollout(model, tokenizer, [{"messages": m} for m in prompts_messages], cfg, seed, eot)
-    seqs = [p + r for p, r in zip(prompts, replies)]
-    ids = pad_batch(seqs, 0)
-    mask = reply_mask(prompts, replies, ids.shape[1])
-    logp = token_logps(model, ids)
+    ids = pad_batch([p + r for p, r in zip(prompts, replies)], 0)
     ref_logp = ref.logps(ids) if ref is not None else token_logps(reference, ids)
-    return float(((logp - ref_logp) * mask).sum(-1).mean())
-
-
-def reply_mask(prompts, replies, T: int) -> torch.Tensor:
-    """(B, T-1) over the target positions: True where the target token is a reply token."""
-    mask = torch.zeros(len(prompts), T - 1, dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompts, replies)):
-        mask[i, len(p) - 1:len(p) - 1 + len(r)] = True
-    return mask
+    return float(((token_logps(model, ids) - ref_logp) * reply_mask(prompts, replies, ids.shape[1])).sum(-1).mean())
 
 
 @torch.no_grad()
@@ -226,194 +348,81 @@ def evaluate_items(model, tokenizer, items: list[dict], check=None, reward_model
 RESUMABLE_CHANGES = {"out_dir", "steps", "threads", "eval_every", "save_every", "keep_last"}
 
 
-def trainable_state(module: nn.Module) -> dict:
-    """What RL changes: the parameters that train (all of them, or only the LoRA adapter and value head)."""
-    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
-
-
 def prompts_digest(items: list[dict]) -> str:
     return hashlib.sha256(json.dumps([it["messages"] for it in items], sort_keys=True).encode()).hexdigest()
 
 
 def rl_train(model, tokenizer, items: list[dict], cfg: RLConfig, reward_fn=None, reward_model=None, check=None,
              eval_items: list[dict] | None = None, resume: bool = False) -> dict:
-    """Train `model` in place. reward_fn(reply_text, item) -> float (a verifiable reward) or reward_model
-    (RewardModel, scores the reply) gives the reward; check(reply, item) -> bool is the verifiable score that is
-    reported next to the reward-model score (to catch reward hacking). Returns before/after metrics and history
-    ("interrupted": True, and no after, if Ctrl-C stopped it: continue with resume=True).
+    """Train `model` in place through the one loop. reward_fn(reply_text, item) -> float (a verifiable reward) or
+    reward_model (RewardModel, scores the reply) gives the reward; check(reply, item) -> bool is the verifiable
+    score that is reported next to the reward-model score (to catch reward hacking). Returns before/after
+    metrics and the history: the loop's metrics lines, one per optimizer update, each with its rollout's reward,
+    KL and reply length ("interrupted": True, and no after, if Ctrl-C stopped it: continue with resume=True).
 
-    `model` is always the starting policy (the reference is a copy of it); with resume=True the weights, optimizer
-    and RNG states of the last checkpoint in cfg.out_dir/checkpoints are loaded on top.
+    `model` is always the starting policy (the reference is a copy of it); with resume=True the loop loads the
+    weights, optimizer and RNG states of the last checkpoint in cfg.out_dir/checkpoints on top.
     """
     cfg.validate()
     if reward_fn is None and reward_model is None:
         raise LLMLabError("RL needs a reward: a reward function or a reward model")
     if not items:
         raise LLMLabError("RL needs prompts")
-    out = Path(cfg.out_dir)
-    ckpt_dir = out / "checkpoints"
-    saved = load_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
-    if saved is not None and not resume:
-        raise LLMLabError(f"{out} already holds an RL run; pass --resume to continue it or choose another --out-dir")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    log = MetricsLog(out / "metrics.jsonl", True)
-    reference = Reference(model)  # before any saved weights are loaded: the reference is the starting policy
-    value_head = ValueHead(model) if cfg.algo == "ppo" else None
-    params_owner = nn.ModuleList([model] + ([value_head] if value_head is not None else []))
-    optimizer = make_optimizer(params_owner, cfg.lr, cfg.weight_decay)
-    eot = end_of_turn_id(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eot or 0)
-    rng = random.Random(cfg.seed)  # which prompts each step, and the minibatch order
-    run_state = {"rl_config": asdict(cfg), "model_config": model.config.to_dict(), "prompts": prompts_digest(items)}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LLMLabError("RL runs in one process: start it without torchrun")
+    log = MetricsLog(Path(cfg.out_dir) / "metrics.jsonl", True)
 
-    def rewards_for(texts, batch_items):
+    def evaluate(m) -> dict:
+        scores = evaluate_items(m, tokenizer, eval_items, check, reward_model, cfg.max_new_tokens)
+        return {f"eval_{k}": v for k, v in scores.items()}
+
+    if read_latest_name(Path(cfg.out_dir) / "checkpoints") is None:  # a new run
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        log.path.unlink(missing_ok=True)
+        log.write({"step": 0, **(evaluate(model) if eval_items else {})})
+    before = {k.removeprefix("eval_"): v for r in read_metrics(log.path) if r.get("step") == 0
+              for k, v in r.items() if k.startswith("eval_")} if log.path.exists() else {}
+
+    reference = Reference(model)  # before any saved weights are loaded: the reference is the starting policy
+    value_head = None
+    if cfg.algo == "ppo":  # a submodule while training: the loop's optimizer and checkpoints then hold it
+        value_head = model.value_head = ValueHead(model)
+
+    def score(texts, batch_items):
         if reward_fn is not None:
             return [float(reward_fn(t, it)) for t, it in zip(texts, batch_items)]
         return reward_model.score_batch([it["messages"] for it in batch_items], texts)
 
-    start, history, before = 0, [], {}
-    if saved is not None:
-        model_state, optim_state, rng_states, state = saved
-        where = ckpt_dir / step_dir_name(state["step"])
-        check_same_config(state["rl_config"], asdict(cfg), where, "RL setting", RESUMABLE_CHANGES)
-        check_same_config(state["model_config"], model.config.to_dict(), where, "model setting")
-        if state["prompts"] != run_state["prompts"]:
-            raise LLMLabError(f"cannot resume from {where}: it was trained on other prompts")
-        loaded = params_owner.load_state_dict(model_state, strict=False)
-        if loaded.unexpected_keys or set(trainable_state(params_owner)) != set(model_state):
-            raise LLMLabError(f"cannot resume from {where}: its weights are not this model's trainable parameters "
-                              "(was it trained with another --lora setting?)")
-        optimizer.load_state_dict(optim_state)
-        set_rng_state(rng_states)
-        version, internal, gauss = state["sampler_rng"]
-        rng.setstate((version, tuple(internal), gauss))
-        start, before = state["step"], state["before"]
-        log.truncate_after(start)
-        history = [r for r in read_metrics(log.path) if "reward" in r] if log.path.exists() else []
-    elif log.path.exists():
-        log.path.unlink()
-
-    def save(step: int):
-        save_checkpoint(ckpt_dir, step, trainable_state(params_owner), optimizer.state_dict(),
-                        {**run_state, "sampler_rng": rng.getstate(), "before": before}, cfg.keep_last)
-
-    ctrl_c = CtrlC()  # Ctrl-C: finish the step in flight, save, leave; a second one aborts
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    previous_handler = signal.signal(signal.SIGINT, ctrl_c) if _in_main_thread() else None
+    batches = Rollouts(model, tokenizer, items, cfg, score, reference, value_head,
+                       check if reward_model is not None else None)
+    objective = Objective(loss_fn=make_policy_loss(cfg, value_head), batches=batches,
+                          evaluate=evaluate if eval_items and cfg.eval_every else None,
+                          count_tokens=lambda mb: int(mb.mask.sum()), steps_per_round=cfg.updates_per_rollout)
+    extra = {"rl_config": {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES},
+             "prompts": prompts_digest(items),
+             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     try:
-        if saved is None:
-            if eval_items:
-                before = evaluate_items(model, tokenizer, eval_items, check, reward_model, cfg.max_new_tokens)
-            log.write({"step": 0, **{f"eval_{k}": v for k, v in before.items()}})
-        for step in range(start, cfg.steps):
-            t0 = time.perf_counter()
-            batch_items = [items[rng.randrange(len(items))] for _ in range(cfg.prompts_per_step)]
-            prompts, replies, texts = rollout(model, tokenizer, batch_items, cfg, cfg.seed * 1_000_003 + step, eot)
-            flat_items = [it for it in batch_items for _ in range(cfg.group_size)]
-            R = torch.tensor(rewards_for(texts, flat_items))
-            record = {"step": step + 1, "reward": R.mean().item()}
-            if reward_model is not None and check is not None:  # watch for reward hacking
-                record["verifiable_score"] = sum(bool(check(t, it)) for t, it in zip(texts, flat_items)) / len(texts)
-            seqs = [p + r for p, r in zip(prompts, replies)]
-            ids = pad_batch(seqs, pad)
-            mask = reply_mask(prompts, replies, ids.shape[1])
-            with torch.no_grad():
-                old_logp = token_logps(model, ids)
-                old_values = value_head.values() if value_head is not None else None
-                ref_logp = reference.logps(ids)
-            kl_tokens = (old_logp - ref_logp) * mask
-            record["kl"] = kl_tokens.sum(-1).mean().item()
-            record["response_length"] = sum(len(r) for r in replies) / len(replies)
-
-            if cfg.algo == "grpo":
-                groups = R.view(-1, cfg.group_size)
-                adv_seq = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)
-                adv = adv_seq.view(-1, 1).expand_as(old_logp) * mask
-                returns = None
-            else:
-                token_rewards = -cfg.kl_coef * kl_tokens
-                last = torch.tensor([len(p) - 2 + len(r) for p, r in zip(prompts, replies)])
-                token_rewards[torch.arange(len(seqs)), last] += R
-                adv = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)
-                returns = adv + old_values
-                # whitening the advantages over the batch keeps the step size independent of the reward scale
-                adv = (adv - masked_mean(adv, mask)) * mask / (adv[mask].std() + 1e-8 if mask.sum() > 1 else 1.0)
-
-            lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
-            set_lr(optimizer, lr)
-            model.train()
-            sums = {"loss": 0.0, "entropy": 0.0, "clip_frac": 0.0}
-            n_updates = 0
-            order = list(range(len(seqs)))
-            for _ in range(cfg.update_epochs):
-                rng.shuffle(order)
-                for i in range(0, len(order), cfg.minibatch):
-                    mb = torch.tensor(order[i:i + cfg.minibatch])
-                    m = mask[mb]
-                    logp, entropy = token_logps(model, ids[mb], with_entropy=True)
-                    ratio = torch.exp(logp - old_logp[mb])
-                    a = adv[mb]
-                    pg = -torch.min(ratio * a, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * a)
-                    loss = masked_mean(pg, m)
-                    if cfg.algo == "grpo":
-                        log_r = ref_logp[mb] - logp
-                        loss = loss + cfg.kl_coef * masked_mean(torch.exp(log_r) - log_r - 1, m)
-                    else:
-                        v = value_head.values()
-                        loss = loss + cfg.vf_coef * 0.5 * masked_mean((v - returns[mb]) ** 2, m)
-                    loss.backward()
-                    if cfg.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(params_owner.parameters(), cfg.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    sums["loss"] += loss.item()
-                    sums["entropy"] += masked_mean(entropy.detach(), m).item()
-                    sums["clip_frac"] += masked_mean(((ratio - 1).abs() > cfg.clip_eps).float(), m).item()
-                    n_updates += 1
-            record.update({k: v / n_updates for k, v in sums.items()})
-            record.update(lr=lr, seconds=time.perf_counter() - t0)
-            if eval_items and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                record.update({f"eval_{k}": v for k, v in
-                               evaluate_items(model, tokenizer, eval_items, check, reward_model,
-                                              cfg.max_new_tokens).items()})
-            log.write(record)
-            history.append(record)
-            if ctrl_c.pressed or (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
-                save(step + 1)
-            if ctrl_c.pressed:
-                print(f"interrupted: saved step {step + 1} to {ckpt_dir}; continue with --resume", flush=True)
-                break
-        after, kl = {}, None
-        if not ctrl_c.pressed:
-            if eval_items:
-                after = evaluate_items(model, tokenizer, eval_items, check, reward_model, cfg.max_new_tokens)
-                kl = kl_to_reference(model, reference, tokenizer, [it["messages"] for it in eval_items],
-                                     cfg.max_new_tokens)
-            log.write({"step": cfg.steps, **{f"eval_{k}": v for k, v in after.items()}, "eval_kl": kl})
+        result = train(model, objective, cfg.train_config(), resume=resume, extra_state=extra, dist=D.Dist())
     finally:
-        torch.set_num_threads(threads)
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
         if value_head is not None:
             value_head.hook.remove()
-    try:
-        from llmlab.train.plots import plot_metrics
-        plot_metrics(log.path, out / "rl.png")
-    except Exception:  # a plot is a convenience; never lose a run over it
-        pass
+            del model.value_head
     model.eval()
-    return {"before": before, "after": after, "kl": kl, "history": history, "config": asdict(cfg),
-            "interrupted": ctrl_c.pressed}
+    after, kl = {}, None
+    if not result.interrupted and eval_items:
+        after = evaluate(model)
+        kl = kl_to_reference(model, reference, tokenizer, [it["messages"] for it in eval_items], cfg.max_new_tokens)
+        log.write({"step": result.step, **after, "eval_kl": kl})
+    return {"before": before, "after": {k.removeprefix("eval_"): v for k, v in after.items()}, "kl": kl,
+            "history": [r for r in read_metrics(log.path) if "reward" in r], "config": asdict(cfg),
+            "interrupted": result.interrupted}
 
 
 def rl(model_path, cfg: RLConfig, task: str = "arithmetic", n_prompts: int = 256, n_eval: int = 64,
        reward_model_path=None, lora=None, resume: bool = False) -> dict:
     """`llmlab rl`: RL on a task family with its verifiable reward (or a reward model's score, reporting the
-    verifiable score next to it). Writes cfg.out_dir/model (or /adapter), metrics.jsonl and results.json
-    (not when interrupted: then cfg.out_dir/checkpoints holds where to resume from)."""
+    verifiable score next to it). Writes cfg.out_dir/model (or /adapter), metrics.jsonl, loss.png (the reward
+    curve) and results.json (not when interrupted: then cfg.out_dir/checkpoints holds where to resume from)."""
     from llmlab.train import tasks
     from llmlab.train.sft import load_base, prepare_model, save_result
     model, tokenizer, path = load_base(model_path)

@@ -135,7 +135,7 @@ def run_grid(data_dir: str | Path, cfg: TrainConfig, sizes: list[str], budgets: 
         evaluate, _ = make_evaluate(val_tokens, run_cfg, d, None)
         batches = TokenBatches(train_tokens, cfg.seq_len, cfg.micro_batch, cfg.grad_accum)
         train(model, Objective(lm_loss, batches, evaluate=evaluate), run_cfg, resume=True, dist=d)
-        from llmlab.train.loop import read_metrics
+        from llmlab.train.metrics import read_metrics
         val = [r["val_loss"] for r in read_metrics(Path(run_cfg.out_dir) / "metrics.jsonl") if "val_loss" in r]
         runs.append({"size": size, "N": model_cfg.n_params(include_embeddings=False),
                      "D": steps * cfg.tokens_per_step, "loss": val[-1]})

@@ -138,7 +138,7 @@ def save_result(model, tokenizer, out: Path, lora: LoRAConfig | None, base: str)
 
 def load_base(model_path: str | Path, tokenizer_path: str | Path | None = None):
     """Model and tokenizer; a tokenizer given separately must belong to the model."""
-    from llmlab.api import load_checkpoint
+    from llmlab.checkpoint.load import load_checkpoint
     model, tokenizer, path = load_checkpoint(model_path)
     if tokenizer_path is not None:
         from llmlab.tokenizer import Tokenizer
@@ -217,7 +217,7 @@ def sft_stage(model_path: str | Path, train_conversations: list[list[dict]], eva
 
     eval_items: [{"messages": [...], "answer": str}]; check(reply, item) -> bool (default: exact match).
     Returns {"before", "after", "path", "steps", "seconds", "trainable_params"}."""
-    from llmlab.api import load_checkpoint
+    from llmlab.checkpoint.load import load_checkpoint
     from llmlab.train.chat_data import conversations_to_examples
     model, tokenizer, path = load_checkpoint(model_path)
     model = model.float()

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from llmlab.errors import LLMLabError
-from llmlab.eval.backend import GenParams, as_backend
+from llmlab.client import GenParams, as_client
 
 PROMPTS = Path(__file__).parent / "prompts"
 DOMAINS = ("general", "coding", "math")
@@ -123,7 +123,7 @@ class Judge:
     def __init__(self, backend, rubric: Rubric | str | Path | None = None, temperature: float = 0.0,
                  max_tokens: int = 256, seed: int = 0, samples: int = 5, prompts_dir: str | Path | None = None,
                  force_verdict: bool = True):
-        self.backend = as_backend(backend)
+        self.backend = as_client(backend)
         self.rubric = rubric if isinstance(rubric, Rubric) or rubric is None else load_rubric(rubric)
         self.temperature, self.max_tokens, self.seed, self.samples = temperature, max_tokens, seed, samples
         self.force_verdict = force_verdict
@@ -272,7 +272,7 @@ class Judge:
         """G-Eval: evaluation steps written by the judge for `criterion`, then a form-filling score per item.
 
         The score is the probability-weighted mean over the score tokens when the backend returns
-        log-probabilities, else (e.g. OpenAIBackend(..., logprobs=False)) the mean of `samples` sampled scores
+        log-probabilities, else (e.g. EndpointClient(..., logprobs=False)) the mean of `samples` sampled scores
         (temperature 1), each sample's output and parsed score kept in the record.
         """
         steps = steps if steps is not None else self.geval_steps(criterion)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from llmlab.errors import LLMLabError
-from llmlab.eval.backend import GenParams, as_backend
+from llmlab.client import GenParams, as_client
 from llmlab.eval.judge import agreement as agr
 from llmlab.eval.judge import ratings as rt
 from llmlab.eval.judge import winrate as wr
@@ -40,6 +40,13 @@ def judge_items(judge: Judge, mode: str, items: list[dict], log: ItemLog | None 
     return [done.get(_key(it["id"])) or fresh[_key(it["id"])] for it in items]
 
 
+def judge_identity(judge: Judge, mode: str) -> dict:
+    """What makes a judge's records what they are: a resumed run with anything else is refused."""
+    return {"judge": getattr(judge.backend, "model_id", judge.name), "mode": mode,
+            "temperature": judge.temperature, "seed": judge.seed,
+            "max_tokens": judge.max_tokens, "rubric": judge._rubric(), "force_verdict": judge.force_verdict}
+
+
 def run_judge(judge: Judge, mode: str, items: list[dict], out_dir: str | Path | None = None, repeat: bool = True,
               verbosity: bool = False, self_model: str | None = None, **kw) -> dict:
     """Judge items, then judge them again (seed + 1) for the repeat agreement; returns
@@ -53,7 +60,7 @@ def run_judge(judge: Judge, mode: str, items: list[dict], out_dir: str | Path | 
             kw["steps"] = judge.geval_steps(kw["criterion"])
             if steps_file:
                 atomic_write_text(steps_file, kw["steps"])
-    log = ItemLog(out / "judgments.jsonl") if out else None
+    log = ItemLog(out / "judgments.jsonl", judge_identity(judge, mode)) if out else None
     try:
         records = judge_items(judge, mode, items, log, **kw)
     finally:
@@ -63,7 +70,7 @@ def run_judge(judge: Judge, mode: str, items: list[dict], out_dir: str | Path | 
     if repeat:
         again = copy.copy(judge)
         again.seed = judge.seed + 1
-        log2 = ItemLog(out / "repeat.jsonl") if out else None
+        log2 = ItemLog(out / "repeat.jsonl", judge_identity(again, mode)) if out else None
         try:
             repeat_records = judge_items(again, mode, [dict(it) for it in items], log2, **kw)
         finally:
@@ -85,7 +92,7 @@ def run_judge(judge: Judge, mode: str, items: list[dict], out_dir: str | Path | 
 
 
 def generate_answers(backend, prompts: list[str], max_tokens: int = 256, temperature: float = 0.0) -> list[str]:
-    backend = as_backend(backend)
+    backend = as_client(backend)
     return [g.text for g in backend.generate(prompts, GenParams(max_tokens=max_tokens, temperature=temperature))]
 
 

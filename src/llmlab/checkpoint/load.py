@@ -1,0 +1,65 @@
+"""Load any checkpoint llmlab reads (registry name, HF directory, .gguf file) as (model, tokenizer, path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmlab.checkpoint.hf import PICKLE_SUFFIXES, load_hf_dir, parse_dtype, refuse_pickle
+from llmlab.checkpoint.registry import DEFAULT_MODEL, resolve
+from llmlab.errors import LLMLabError
+from llmlab.tokenizer import Tokenizer
+
+
+def load_checkpoint(name_or_path: str | Path = DEFAULT_MODEL, dtype=None):
+    """(model, tokenizer, path) for a registry name, a checkpoint directory or a .gguf file."""
+    if Path(name_or_path).suffix in PICKLE_SUFFIXES and Path(name_or_path).is_file():
+        refuse_pickle(Path(name_or_path))
+    path = resolve(name_or_path)
+    if path.is_dir() and not (path / "config.json").exists() and (path / "model" / "config.json").is_file():
+        path = path / "model"  # a run directory (e.g. of `llmlab speedrun`): its model
+    if path.suffix == ".gguf":
+        from llmlab.checkpoint.gguf import load_gguf
+        model, tokenizer, _ = load_gguf(path, dtype=parse_dtype(dtype))
+    else:
+        model = load_hf_dir(path, dtype=dtype)
+        if not (path / "tokenizer.json").exists():
+            raise LLMLabError(f"{path} has no tokenizer.json")
+        tokenizer = Tokenizer.from_dir(path)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise LLMLabError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                              f"{model.config.vocab_size}; they do not belong together")
+    return model, tokenizer, path
+
+
+def load_with_adapter(base: str | Path, adapter: str | Path, merge: bool = False, dtype=None):
+    """(model, tokenizer, path) of `base` with a LoRA adapter on top (merged into the weights, or kept separate)."""
+    from llmlab.model.lora import load_adapter, merge_lora
+
+    model, tokenizer, path = load_checkpoint(base, dtype)
+    load_adapter(model, adapter)
+    if merge:
+        merge_lora(model)
+    return model.eval(), tokenizer, path
+
+
+# generation_config.json fields that set sampling defaults (as vLLM's generation_config="auto" reads them)
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_defaults(path: Path) -> dict:
+    """Sampling defaults declared with a checkpoint: its generation_config.json (for a .gguf file, one beside
+    it, or the registry's entry for a pulled model). Only the keys in SAMPLING_KEYS; {} when none is declared."""
+    from llmlab.checkpoint.registry import declared_generation_config
+    path = Path(path)
+    file = (path if path.is_dir() else path.parent) / "generation_config.json"
+    if file.is_file():
+        import json
+        try:
+            config = json.loads(file.read_text())
+        except (OSError, ValueError) as e:
+            raise LLMLabError(f"{file} is not valid JSON: {e}") from None
+    else:
+        config = declared_generation_config(path)
+    if not isinstance(config, dict):
+        raise LLMLabError(f"{file} must hold a JSON object")
+    return {k: config[k] for k in SAMPLING_KEYS if config.get(k) is not None}

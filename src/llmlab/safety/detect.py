@@ -1,0 +1,89 @@
+"""Zero-shot AI-text detection with the model itself: log-likelihood, log-rank, entropy and Binoculars scores.
+
+Machine text sits where the model is confident: high log-likelihood, low token ranks, low entropy. Binoculars
+(Hans et al. 2024) divides the performer's log-perplexity of the text by the cross-perplexity between an
+observer and the performer (how surprised the performer is, on average, by the observer's next-token
+distribution): a text can be surprising because it is human or because its topic is, and the ratio cancels
+the topic. These need the full next-token distributions, so they run on in-process models (llmlab.load).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmlab.errors import LLMLabError
+
+DETECTORS = ("loglik", "logrank", "entropy", "binoculars")
+# +1: a higher raw score means machine-written; -1: a lower one does
+MACHINE_SIGN = {"loglik": 1, "logrank": -1, "entropy": -1, "binoculars": -1}
+# thresholds on the raw scores for SmolLM2 (fp32, observer = performer), chosen on the calibration half of
+# experiments/detect_zero_shot.py's pairs (the accuracy-maximising cut); see experiments/results/detect/
+THRESHOLDS = {"smollm2": {"loglik": -2.2, "logrank": 1.0, "entropy": 2.3, "binoculars": 0.95}}
+
+
+def check_detectors(names) -> list[str]:
+    names = list(names)
+    for name in names:
+        if name not in DETECTORS:
+            raise LLMLabError(f"unknown detector {name!r} (one of {', '.join(DETECTORS)})")
+    return names
+
+
+def _ids(llm, text: str) -> list[int]:
+    tok = llm.tokenizer
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    ids = tok.encode(text)
+    if len(ids) < 2:
+        raise LLMLabError("a text to score for detection needs at least two tokens")
+    window = llm.engine.context_len - 1
+    return ([prefix] if prefix is not None else []) + ids[:window]
+
+
+@torch.inference_mode()
+def _logits(llm, batch: list[list[int]]) -> torch.Tensor:
+    """Next-token logits (B, T-1, V) in fp32 for right-padded rows (causal attention: padding is harmless)."""
+    width = max(len(r) for r in batch)
+    idx = torch.zeros(len(batch), width, dtype=torch.long, device=llm.engine.device)
+    for i, row in enumerate(batch):
+        idx[i, :len(row)] = torch.tensor(row)
+    return llm.model(idx)[:, :-1].float()
+
+
+def _same_tokenizer(a, b) -> None:
+    probe = "Binoculars needs one tokenizer: 12 tokens, π, \n\tdef f(x):"
+    if a.tokenizer.encode(probe) != b.tokenizer.encode(probe) or \
+            a.model.config.vocab_size != b.model.config.vocab_size:
+        raise LLMLabError("the observer and the performer must share one tokenizer")
+
+
+def detection_scores(texts: list[str], performer, observer=None, batch_size: int = 8) -> list[dict]:
+    """Per text: loglik (mean log p of each token), logrank (mean log rank, 1 = top), entropy (mean entropy
+    of the next-token distribution, nats) and binoculars (log-ppl under the performer / cross-perplexity of
+    the observer's distributions under the performer). observer=None uses the performer as its own observer,
+    when the cross-perplexity is the mean entropy."""
+    observer = observer if observer is not None else performer
+    if observer is not performer:
+        _same_tokenizer(observer, performer)
+    out = []
+    for start in range(0, len(texts), batch_size):
+        rows = [_ids(performer, t) for t in texts[start:start + batch_size]]
+        perf = _logits(performer, rows)
+        obs = perf if observer is performer else _logits(observer, rows)
+        for i, row in enumerate(rows):
+            n = len(row) - 1
+            targets = torch.tensor(row[1:], device=perf.device)
+            logp = torch.log_softmax(perf[i, :n], -1)
+            chosen = logp.gather(-1, targets[:, None])[:, 0]
+            rank = 1 + (logp > chosen[:, None]).sum(-1)
+            entropy = -(logp.exp() * logp).sum(-1)
+            obs_p = torch.softmax(obs[i, :n], -1)
+            cross = -(obs_p * logp).sum(-1)  # observer's distribution, performer's log-probabilities
+            out.append({"loglik": float(chosen.mean()), "logrank": float(rank.float().log().mean()),
+                        "entropy": float(entropy.mean()),
+                        "binoculars": float(-chosen.mean() / cross.mean()), "n_tokens": n})
+    return out
+
+
+def looks_machine(scores: dict, thresholds: dict) -> dict[str, bool]:
+    """Per detector with a threshold: whether the text falls on the machine side of it."""
+    return {name: (scores[name] - cut) * MACHINE_SIGN[name] > 0 for name, cut in thresholds.items() if name in scores}

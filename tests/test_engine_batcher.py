@@ -1,0 +1,85 @@
+"""The Engine and the continuous batcher (the server) share one decode step: the same seed and parameters give the
+same tokens, with or without a JSON constraint, and a request's n samples are seed, seed + 1, ..."""
+
+import json
+
+import pytest
+import torch
+
+from llmlab.api import load
+from llmlab.engine import SamplingParams
+from llmlab.engine.batcher import ContinuousBatcher, Request
+from llmlab.engine.constraint import TokenVocab, json_constraint_factory
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+          "required": ["city", "population"]}
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_gguf):
+    return load(smollm2_gguf)
+
+
+def through_batcher(engine, requests: list[Request]) -> list[Request]:
+    """Run requests to the end in this thread (step() is what the batcher's loop thread calls)."""
+    batcher = ContinuousBatcher(engine, max_batch=4, max_len=256)
+    for req in requests:
+        batcher.submit(req)
+    while not all(r.done for r in requests):
+        batcher.step()
+    return requests
+
+
+def request(ids, params, n=1, factory=None):
+    events = []
+    return Request(prompt_ids=ids, params=params, sink=events.append, n=n, constraint_factory=factory)
+
+
+# Both paths batch the same rows here (one request of n alone in the batcher, the same prompt × n in the Engine) and
+# round their cache to the same 64 slots, so the logits match bit for bit and the seeded draws can be compared
+# exactly. With different batch shapes the logits may differ by float noise (~1e-6), which could, rarely, move a
+# draw across a token boundary; tests/test_engine.py checks batch-shape independence exactly on a tiny model.
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_seeded_samples_equal_between_engine_and_batcher(llm, n):
+    ids = llm.prompt_ids("Write a short poem about the sea.")
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_new_tokens=10, logprobs=True)
+    engine_out = llm.engine.generate([ids], params, n=n)
+    (req,) = through_batcher(llm.engine, [request(ids, params, n)])
+    for i, seq in enumerate(req.sequences):
+        assert seq.index == i
+        assert seq.token_ids == engine_out[i].token_ids
+        assert seq.text.text == engine_out[i].text and seq.finish_reason == engine_out[i].finish_reason
+        assert [t.logprob for t in seq.tokens] == pytest.approx(engine_out[i].logprobs, abs=1e-4)
+    if n > 1:
+        assert len({tuple(s.token_ids) for s in req.sequences}) > 1
+
+
+def test_seeded_json_samples_equal_between_engine_and_batcher(llm):
+    ids = llm.prompt_ids("Give a city and its population as JSON.")
+    params = SamplingParams(temperature=0.9, top_k=40, repetition_penalty=1.1, seed=7, max_new_tokens=24)
+    factory = json_constraint_factory(TokenVocab(llm.tokenizer), SCHEMA, params.max_new_tokens)
+    engine_out = llm.engine.generate([ids], params, constraint_factory=factory)[0]
+    (req,) = through_batcher(llm.engine, [request(ids, params, 1, factory)])
+    seq = req.sequences[0]
+    assert seq.token_ids == engine_out.token_ids and seq.finish_reason == engine_out.finish_reason
+    value = json.loads(seq.text.text)
+    assert isinstance(value["city"], str) and isinstance(value["population"], int)
+
+
+def test_batcher_sink_events(llm):
+    ids = llm.prompt_ids("Say hello.")
+    req = request(ids, SamplingParams(temperature=0, max_new_tokens=8, logprobs=True, top_logprobs=2), n=2)
+    through_batcher(llm.engine, [req])
+    events = req.sink.__self__
+    finishes = [e for e in events if e[0] == "finish"]
+    assert sorted(e[1] for e in finishes) == [0, 1]
+    for index in (0, 1):
+        deltas = [e for e in events if e[0] == "delta" and e[1] == index]
+        assert "".join(e[2] for e in deltas) == req.sequences[index].text.text
+        infos = [info for e in deltas for info in e[3]]
+        assert [i.id for i in infos] == req.sequences[index].token_ids
+        assert all(len(i.top) == 2 and i.logprob <= 0 for i in infos)
+    with torch.no_grad():  # greedy: both samples are the argmax path
+        assert req.sequences[0].token_ids == req.sequences[1].token_ids
