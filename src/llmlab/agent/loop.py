@@ -102,7 +102,13 @@ def run_agent(client, task: str, tools: list, max_steps: int = 6, max_tokens: in
         if left < 1:
             result.reason = "token_budget"
             break
-        message, p, c = call_model(client, messages, tools, min(step_tokens, left))
+        try:
+            message, p, c = call_model(client, messages, tools, min(step_tokens, left))
+        except LLMLabError as e:
+            if "shortest" not in str(e):
+                raise
+            result.reason = "token_budget"  # what is left cannot hold even the shortest call
+            break
         result.steps += 1
         result.prompt_tokens, result.completion_tokens = result.prompt_tokens + p, result.completion_tokens + c
         messages.append({"role": "assistant", "content": message.get("content"),

@@ -179,7 +179,10 @@ def workspace_tools(workspace: str | Path) -> list[Tool]:
 
 
 def builtin_tools(workspace: str | Path | None = None, names: list[str] | None = None) -> list[Tool]:
-    tools = [function_tool(calculate), python_tool()] + (workspace_tools(workspace) if workspace else [])
+    calc = function_tool(calculate)
+    # the expression's characters are constrained too: a small model then writes arithmetic, not prose
+    calc.parameters["properties"]["expression"].update(pattern=r"^[0-9+\-*/%(). a-z,]{1,80}$")
+    tools = [calc, python_tool()] + (workspace_tools(workspace) if workspace else [])
     if names:
         known = {t.name: t for t in tools}
         unknown = [n for n in names if n not in known]

@@ -223,6 +223,8 @@ def build_parser() -> Parser:
     from llmlab.cli import reason as reason_commands
     from llmlab.cli import inspect as inspect_commands
     from llmlab.cli import arena as arena_commands
+    from llmlab.cli import safety as safety_commands
+    from llmlab.cli import agent as agent_commands
 
     parser = Parser(prog="llmlab", description="A hackable toolkit for the whole life of a language model.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -239,6 +241,8 @@ def build_parser() -> Parser:
     reason_commands.add_commands(sub)
     inspect_commands.add_commands(sub)
     arena_commands.add_commands(sub)
+    safety_commands.add_commands(sub)
+    agent_commands.add_commands(sub)
     return parser
 
 

@@ -114,7 +114,7 @@ def mc_calibration(client: ModelClient, task="bios_mc", n: int | None = None, n_
         spans.append((len(pairs), len(it[t.choices])))
         pairs += [(context, t.choice_prefix + str(c)) for c in it[t.choices]]
     lls = [x.logprob for x in client.loglikelihood(pairs)]
-    confidences, correct = [], []
+    confidences, correct, records = [], [], []
     for it, (start, k) in zip(items, spans):
         ll = lls[start:start + k]
         top = max(ll)
@@ -122,9 +122,12 @@ def mc_calibration(client: ModelClient, task="bios_mc", n: int | None = None, n_
         pred = max(range(k), key=lambda i: ll[i])
         confidences.append(probs[pred] / sum(probs))
         correct.append(pred == int(it[t.gold]))
+        records.append({"id": it["id"], "choices": [str(c) for c in it[t.choices]], "gold": int(it[t.gold]),
+                        "pred": pred, "confidence": confidences[-1]})
     right = sum(correct)
     return {"task": t.name, "n": len(items), "accuracy": right / len(items),
             "accuracy_ci": wilson_interval(right, len(items)),
             "mean_confidence": sum(confidences) / len(confidences),
             "ece": expected_calibration_error(confidences, correct, n_bins),
-            "bins": calibration_bins(confidences, correct, n_bins), "confidences": confidences, "correct": correct}
+            "bins": calibration_bins(confidences, correct, n_bins), "confidences": confidences, "correct": correct,
+            "items": records}
