@@ -57,7 +57,7 @@ def test_chat_reads_a_conversation_from_stdin(smollm2_gguf):
     (["--temperature", "-1"], ["temperature"]),
     (["--top-p", "0"], ["top_p"]),
     (["--top-p", "1.5"], ["top_p"]),
-    (["--max-tokens", "0"], ["max_new_tokens"]),
+    (["--max-tokens", "0"], ["max_tokens"]),
     (["--model", "no-such-model"], ["no-such-model"]),
     (["--model", "./missing/dir"], ["no such file"]),
     (["--temperature", "warm"], ["temperature"]),
