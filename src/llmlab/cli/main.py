@@ -79,6 +79,9 @@ def cmd_generate(args) -> int:
     from llmlab.client import client_from_args
     params = gen_params(args)
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    if args.speculate and (args.beam != 1 or args.endpoint):
+        raise LLMLabError("--speculate runs in-process greedy/sampled decoding: it cannot be combined with "
+                          + ("--beam" if args.beam != 1 else "--endpoint"))
     if args.beam != 1:
         from llmlab.engine import SamplingParams
         from llmlab.engine.beam import check_beam
@@ -87,8 +90,22 @@ def cmd_generate(args) -> int:
         best = llm.engine.beam_search(llm.prompt_ids(prompt, raw=args.raw), args.beam, beam_params)[0]
         print(best.text)
         return 0
+    if args.speculate:
+        return speculative_generate(args, prompt)
     client = client_from_args(args)
     write_stream(client.stream(prompt, params, chat=not args.raw))
+    return 0
+
+
+def speculative_generate(args, prompt: str) -> int:
+    """generate --speculate lookup: prompt-lookup drafts verified by the model (same output as without)."""
+    from llmlab.engine.speculative import SpeculativeDecoder
+    llm = load_llm(args)
+    decoder = SpeculativeDecoder(llm.engine)
+    write_stream(decoder.stream(llm.prompt_ids(prompt, raw=args.raw), llm.params(**sampling_options(args))))
+    stats = decoder.stats
+    print(f"speculative: {stats.acceptance_rate:.0%} of {stats.drafted} drafted tokens accepted, "
+          f"{stats.tokens_per_step:.2f} tokens per model call", file=sys.stderr)
     return 0
 
 
@@ -190,6 +207,8 @@ def add_commands(sub):
     p.add_argument("prompt", help="the prompt ('-' reads stdin); wrapped in the chat template unless --raw")
     p.add_argument("--raw", action="store_true", help="send the text as is, without the chat template")
     p.add_argument("--beam", type=int, default=1, help="beam search with this many beams")
+    p.add_argument("--speculate", choices=["lookup"], default=None,
+                   help="speculative decoding with prompt-lookup drafts (n-grams of the context); same output")
     add_client_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)

@@ -42,19 +42,17 @@ class LocalClient:
                                logprobs=params.logprobs or params.top_logprobs > 0,
                                top_logprobs=params.top_logprobs, **params.sampling_options())
 
-    def _prompt_ids(self, prompt, chat: bool, max_tokens: int) -> list[int]:
-        ids = self.llm.prompt_ids(prompt, raw=not chat)
-        room = self.context_len - max_tokens
-        if room < 1:
-            raise LLMLabError(f"max_tokens is {max_tokens} but the model's context window is {self.context_len}")
-        return ids[-room:]  # keep the end of a long prompt: the question is at the end
+    def _prompt_ids(self, prompt, chat: bool) -> list[int]:
+        # never cut: a prompt that does not fit is refused by the engine (as an endpoint answers 400), and the
+        # completion budget is capped to the room the prompt leaves
+        return self.llm.prompt_ids(prompt, raw=not chat)
 
     def complete(self, prompts: list, params: GenParams, chat: bool = True) -> list[list[Generation]]:
         sp = self._sampling(params)
         out = []
         per_call = max(1, self.gen_batch // params.n)  # rows per engine call: prompts × samples
         for start in range(0, len(prompts), per_call):
-            chunk = [self._prompt_ids(p, chat, params.max_tokens) for p in prompts[start:start + per_call]]
+            chunk = [self._prompt_ids(p, chat) for p in prompts[start:start + per_call]]
             done = self.llm.engine.generate(chunk, sp, n=params.n)
             for i in range(len(chunk)):
                 out.append([self._generation(c) for c in done[i * params.n:(i + 1) * params.n]])
@@ -66,7 +64,7 @@ class LocalClient:
     def stream(self, prompt, params: GenParams, chat: bool = True) -> Iterator[str]:
         if params.n != 1:
             raise LLMLabError("streaming gives one generation: n must be 1")
-        ids = self._prompt_ids(prompt, chat, params.max_tokens)
+        ids = self._prompt_ids(prompt, chat)
         return self.llm.engine.stream(ids, self._sampling(params))
 
     def _generation(self, c) -> Generation:

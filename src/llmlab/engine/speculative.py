@@ -27,6 +27,9 @@ from llmlab.errors import LLMLabError
 
 DRAFT_TOKENS = 5  # k: tokens proposed per verify step
 MAX_NGRAM = 3  # the longest context suffix looked up (then shorter ones, down to 1 token)
+# a request whose drafts are mostly wrong pays for k + 1 tokens per call and gets ~1: after this many drafted
+# tokens, if fewer than this share were kept, it stops drafting (plain decode steps, same output)
+JUDGE_AFTER, MIN_ACCEPTANCE = 24, 0.15
 
 
 @dataclass
@@ -98,12 +101,13 @@ def record(seq: Sequence, logits: torch.Tensor, token: int):
 class SpeculativeDecoder:
     """Prompt-lookup speculative decoding of one prompt on an Engine's model."""
 
-    def __init__(self, engine, draft_tokens: int = DRAFT_TOKENS, max_ngram: int = MAX_NGRAM):
+    def __init__(self, engine, draft_tokens: int = DRAFT_TOKENS, max_ngram: int = MAX_NGRAM,
+                 min_acceptance: float = MIN_ACCEPTANCE):
         if draft_tokens < 1:
             raise LLMLabError(f"draft_tokens must be >= 1, got {draft_tokens}")
         if max_ngram < 1:
             raise LLMLabError(f"max_ngram must be >= 1, got {max_ngram}")
-        self.engine, self.k, self.max_ngram = engine, draft_tokens, max_ngram
+        self.engine, self.k, self.max_ngram, self.min_acceptance = engine, draft_tokens, max_ngram, min_acceptance
         self.stats = SpeculativeStats()  # summed over every call
 
     def generate(self, prompt: list[int], params: SamplingParams | None = None) -> Completion:
@@ -134,12 +138,16 @@ class SpeculativeDecoder:
             cache.copy_row(0, one, length=len(prompt) - 1)
         context = list(prompt)
         pending, pos = prompt[-1], len(prompt) - 1
+        mine = SpeculativeStats()  # this request's own, to turn drafting off when it does not pay
         while seq.finish_reason is None:
             room = min(self.k, seq.limit - seq.sampled - 1, cache.max_len - pos - 1)
+            if mine.drafted >= JUDGE_AFTER and mine.acceptance_rate < self.min_acceptance:
+                room = 0
             draft = lookup_draft(context, room, self.max_ngram) if room > 0 else []
             logits = self.verify(pending, draft, pos, cache)
             self.stats.verify_steps += 1
             self.stats.drafted += len(draft)
+            mine.drafted += len(draft)
             for i in range(len(draft) + 1):
                 drafted = draft[i] if i < len(draft) else None
                 token = decide(seq, logits[i:i + 1], drafted)
@@ -149,6 +157,7 @@ class SpeculativeDecoder:
                 if token != drafted or seq.finish_reason is not None:
                     break
                 self.stats.accepted += 1
+                mine.accepted += 1
             pending, pos = context[-1], pos + i + 1
             yield seq
 

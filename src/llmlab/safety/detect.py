@@ -16,8 +16,9 @@ from llmlab.errors import LLMLabError
 DETECTORS = ("loglik", "logrank", "entropy", "binoculars")
 # +1: a higher raw score means machine-written; -1: a lower one does
 MACHINE_SIGN = {"loglik": 1, "logrank": -1, "entropy": -1, "binoculars": -1}
-# thresholds on the raw scores for SmolLM2 (fp32, observer = performer), chosen on the calibration half of
-# experiments/detect_zero_shot.py's pairs (the accuracy-maximising cut); see experiments/results/detect/
+# thresholds on the raw scores for SmolLM2 (fp32, observer = performer). To be the accuracy-maximising cuts on the
+# calibration half of experiments/detect_zero_shot.py's pairs (its scores.json "thresholds"); PROVISIONAL until
+# that run finishes (rough values read off a few pairs)
 THRESHOLDS = {"smollm2": {"loglik": -2.2, "logrank": 1.0, "entropy": 2.3, "binoculars": 0.95}}
 
 
