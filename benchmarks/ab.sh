@@ -18,7 +18,7 @@ for round in $(seq "$rounds"); do
 import sys, runpy, llmlab, llmlab.api
 llmlab.load = llmlab.api.load
 sys.argv = ['serve.py', '--levels', '1,16', '--requests', '2', '--max-tokens', '48', '--peers', 'none',
-            '--out', '/dev/null']
+            '--out', '/tmp/llmlab-ab-serve.json']
 runpy.run_path('$src/benchmarks/serve.py', run_name='__main__')" 2>&1 | grep 'clients='
   done
 done
