@@ -37,3 +37,22 @@ def tiny_tok(tiny_ckpt):
     from llmlab.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(tiny_ckpt)
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's (scripts/system-deps.sh); never a browser download
+# without the background-networking flags Chromium keeps calling out and is refused by this closed network
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium driven by Playwright, once per session (skipped where it is not installed)."""
+    import os
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Chromium is not installed: run scripts/system-deps.sh")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

@@ -2,7 +2,6 @@
 the vote in SQLite, the names shown only after the vote; bad votes are clear 4xx with nothing written."""
 
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -18,10 +17,6 @@ from llmlab.serve.routes_arena import install_arena
 from llmlab.serve.run import address, bind, uvicorn_server
 from llmlab.serve.state import ServerOptions
 from llmlab.serve.testing import running_server
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @contextmanager
@@ -48,17 +43,6 @@ def running_arena(llms: dict, db, seed=0):
 @pytest.fixture(scope="module")
 def models(smollm2_gguf, tiny_ckpt):
     return {"smollm2": load(smollm2_gguf), "tiny": load(str(tiny_ckpt))}
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("Chromium is not installed: run scripts/system-deps.sh")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def test_arena_page_votes_then_reveals_the_names(browser, models, tmp_path):

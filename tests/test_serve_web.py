@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import os
 import sqlite3
 
 import pytest
@@ -11,21 +10,6 @@ from llmlab.api import load
 from llmlab.cli import serve as commands
 from llmlab.serve.feedback import FeedbackStore, export_feedback
 from llmlab.serve.testing import running_server
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("Chromium is not installed: run scripts/system-deps.sh")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def test_chat_page_streams_stops_and_stores_a_thumbs_down(browser, smollm2_gguf, tmp_path):
