@@ -45,9 +45,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's Chromium driven by Playwright, once per session (skipped where it is not installed)."""
+    """Debian's Chromium driven by Playwright, per module: its sync API holds an event loop that later asyncio.run calls
+    would trip over (skipped where Chromium is not installed)."""
     import os
     sync_api = pytest.importorskip("playwright.sync_api")
     if not os.path.exists(CHROMIUM):

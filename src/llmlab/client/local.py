@@ -52,7 +52,9 @@ class LocalClient:
         out = []
         per_call = max(1, self.gen_batch // params.n)  # rows per engine call: prompts × samples
         for start in range(0, len(prompts), per_call):
-            chunk = [self._prompt_ids(p, chat) for p in prompts[start:start + per_call]]
+            # batch use (eval, judge) keeps the end of a prompt too long for the window, as lm-eval does
+            room = max(1, self.context_len - params.max_tokens)
+            chunk = [self._prompt_ids(p, chat)[-room:] for p in prompts[start:start + per_call]]
             done = self.llm.engine.generate(chunk, sp, n=params.n)
             for i in range(len(chunk)):
                 out.append([self._generation(c) for c in done[i * params.n:(i + 1) * params.n]])
