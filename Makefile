@@ -34,7 +34,7 @@ chat: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/system-deps.sh  # Debian's chromium, for the web-chat browser test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/decode.py

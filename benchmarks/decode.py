@@ -1,11 +1,15 @@
-"""Prefill and decode speed on SmolLM2-135M: llmlab against transformers (and llama-cpp-python when installed).
+"""Prefill and decode speed on SmolLM2-135M: llmlab's paths against transformers and llama.cpp's llama-bench.
 
-    python benchmarks/decode.py [--prompt-tokens 128] [--new-tokens 128] [--rounds 2]
+    python benchmarks/decode.py [--prompt-tokens 128] [--new-tokens 128] [--rounds 2] [--threads 2]
 
-Every engine runs in its own fresh process (so peak memory is its own), on the same weights (the SmolLM2 Q4_1
-GGUF, dequantized by each; "llmlab int4" also re-packs the 4-bit layers for decoding, llmlab.model.quant) and the
-same 128-token prompt, greedy, batch 1; the engines alternate over rounds and the best round counts. Prints a table with ratios and writes benchmarks/results/decode.json.
-Run it on a quiet machine: on 2 cores, any other busy process halves everything.
+Every engine runs in its own fresh process (so peak memory and start-up are its own), on the same file (the
+SmolLM2 Q4_1 GGUF), the same 128-token prompt, greedy, batch 1; the engines alternate over rounds and the best
+round counts. "llmlab default" is `llmlab.load(FILE)` with no options (the native 4-bit kernel on the file's
+own weights), "llmlab exact" is fp32 eager, "llmlab int4 compiled" the PyTorch 4-bit copies under torch.compile;
+llama-bench (`-p 128 -n 128 -t THREADS`, built by benchmarks/build_llamacpp.sh) runs when built. Start-up is
+the time from a fresh process to the first generated tokens: cold in round 1 (empty native-build and inductor
+caches), warm afterwards. Prints a table with ratios (to llama-bench when present) and writes
+benchmarks/results/decode.json. Run it on a quiet machine: on 2 cores, any other busy process halves everything.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,26 +52,28 @@ def timed(fn, repeat=3):
 # ---- workers: each prints one JSON line ------------------------------------------------------------------------
 
 
-def run_llmlab(gguf, n_prompt, n_new, dtype, compile, int4=False):
+LLMLAB_MODES = {"default": {}, "exact": {"exact": True}, "int4 compiled": {"int4": True, "compile": True,
+                                                                              "dtype": "bfloat16"}}
+
+
+def run_llmlab(gguf, n_prompt, n_new, mode):
+    t_start = time.perf_counter()
     import torch
-    from llmlab.checkpoint.gguf import load_gguf
-    from llmlab.engine import Engine, SamplingParams
-    from llmlab.model.quant import quantize_int4
+
+    import llmlab
+    from llmlab.engine import SamplingParams
 
     torch.set_grad_enabled(False)
-    model, tok, _ = load_gguf(gguf, dtype=getattr(torch, dtype))
-    if int4:
-        quantize_int4(model)
-    engine = Engine(model, tok, compile=compile)
-    ids = prompt_ids(tok, n_prompt)
+    llm = llmlab.load(gguf, **LLMLAB_MODES[mode])
+    engine = llm.engine
+    ids = prompt_ids(llm.tokenizer, n_prompt)
     params = SamplingParams(max_new_tokens=n_new, temperature=0, ignore_eos=True)
-    t0 = time.perf_counter()
     engine.generate([ids], SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))  # warm-up/compile
-    warmup = time.perf_counter() - t0
+    start = time.perf_counter() - t_start  # a fresh process to its first tokens: import, load, build/compile
     prefill = timed(lambda: engine.prefill(ids))
     total = timed(lambda: engine.generate([ids], params), repeat=2)
     out = engine.generate([ids], params)[0].token_ids
-    return dict(prefill_s=prefill, decode_s=total - prefill, warmup_s=warmup, tokens=out)
+    return dict(prefill_s=prefill, decode_s=total - prefill, start_s=start, tokens=out)
 
 
 def run_transformers(gguf, n_prompt, n_new, dtype):
@@ -83,7 +90,18 @@ def run_transformers(gguf, n_prompt, n_new, dtype):
     prefill = timed(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **gen))
     total = timed(lambda: model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, **gen), repeat=2)
     out = model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, **gen)[0, ids.shape[1]:].tolist()
-    return dict(prefill_s=prefill, decode_s=total - prefill, warmup_s=0.0, tokens=out)
+    return dict(prefill_s=prefill, decode_s=total - prefill, start_s=None, tokens=out)
+
+
+def run_llama_bench(gguf, n_prompt, n_new, threads):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from llamacpp import bench
+
+    result = bench(gguf, n_prompt, n_new, threads)
+    # llama-bench reports rates; as times they fit the table (decode: n_new - 1 tokens as for the others)
+    return dict(prefill_s=n_prompt / result["prefill_tok_s"], decode_s=(n_new - 1) / result["decode_tok_s"],
+                start_s=None, tokens=None, cpu_info=result.get("cpu_info"),
+                child_peak_rss_mib=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 
 
 def run_llama_cpp(gguf, n_prompt, n_new):
@@ -101,24 +119,33 @@ def run_llama_cpp(gguf, n_prompt, n_new):
     complete(4)
     prefill = timed(lambda: complete(1))
     total = timed(lambda: complete(n_new), repeat=2)
-    return dict(prefill_s=prefill, decode_s=total - prefill, warmup_s=0.0, tokens=None)
+    return dict(prefill_s=prefill, decode_s=total - prefill, start_s=None, tokens=None)
 
 
 ENGINES = {
-    "llmlab int4 compiled": lambda a: run_llmlab(a.gguf, a.prompt_tokens, a.new_tokens, "bfloat16", True, True),
-    "llmlab bf16 compiled": lambda a: run_llmlab(a.gguf, a.prompt_tokens, a.new_tokens, "bfloat16", True),
-    "llmlab fp32 eager": lambda a: run_llmlab(a.gguf, a.prompt_tokens, a.new_tokens, "float32", False),
+    "llmlab default": lambda a: run_llmlab(a.gguf, a.prompt_tokens, a.new_tokens, "default"),
+    "llmlab exact": lambda a: run_llmlab(a.gguf, a.prompt_tokens, a.new_tokens, "exact"),
+    "llmlab int4 compiled": lambda a: run_llmlab(a.gguf, a.prompt_tokens, a.new_tokens, "int4 compiled"),
     "transformers fp32": lambda a: run_transformers(a.gguf, a.prompt_tokens, a.new_tokens, "float32"),
-    "transformers bf16": lambda a: run_transformers(a.gguf, a.prompt_tokens, a.new_tokens, "bfloat16"),
+    "llama-bench": lambda a: run_llama_bench(a.gguf, a.prompt_tokens, a.new_tokens, a.threads),
     "llama-cpp-python Q4_1": lambda a: run_llama_cpp(a.gguf, a.prompt_tokens, a.new_tokens),
 }
+DEFAULT_ENGINES = "llmlab default,llmlab exact,llmlab int4 compiled,transformers fp32,llama-bench"
 
 
 def available(name: str) -> bool:
     if name.startswith("llama-cpp"):
         import importlib.util
         return importlib.util.find_spec("llama_cpp") is not None
+    if name == "llama-bench":
+        return tool_exists("llama-bench")
     return True
+
+
+def tool_exists(name: str) -> bool:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from llamacpp import bin_dir
+    return (bin_dir() / name).is_file()
 
 
 def busy_cores() -> float:
@@ -130,14 +157,15 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of: " + ", ".join(ENGINES))
+    ap.add_argument("--threads", type=int, default=2, help="threads for every engine (llama-bench -t, torch)")
+    ap.add_argument("--engines", default=DEFAULT_ENGINES, help="comma-separated subset of: " + ", ".join(ENGINES))
     ap.add_argument("--gguf", default=None, help="GGUF file (default: the smollm2 registry model)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
         result = ENGINES[args.worker](args)
-        result["peak_rss_mib"] = peak_rss_mib()
+        result["peak_rss_mib"] = result.pop("child_peak_rss_mib", None) or peak_rss_mib()
         print("RESULT " + json.dumps(result))
         return
 
@@ -145,18 +173,27 @@ def main():
         from llmlab.checkpoint.registry import resolve
         args.gguf = str(resolve("smollm2"))
     names = [n for n in args.engines.split(",") if n in ENGINES and available(n)]
-    print(f"load average before start: {busy_cores():.2f} (want ~0 on a quiet machine)", file=sys.stderr)
+    load_at_start = busy_cores()
+    print(f"load average before start: {load_at_start:.2f} (want ~0 on a quiet machine)", file=sys.stderr)
     runs: dict[str, list[dict]] = {n: [] for n in names}
+    cold: dict[str, float] = {}
     for r in range(args.rounds):
         for name in names:  # alternate engines so drift in machine load hits all of them
-            cmd = [sys.executable, __file__, "--worker", name, "--gguf", args.gguf,
+            cmd = [sys.executable, __file__, "--worker", name, "--gguf", args.gguf, "--threads", str(args.threads),
                    "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
-            p = subprocess.run(cmd, capture_output=True, text=True)
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            with tempfile.TemporaryDirectory() as fresh:
+                if r == 0:  # cold start: no native build, no inductor cache yet
+                    env.update(LLMLAB_NATIVE_CACHE=f"{fresh}/native", TORCHINDUCTOR_CACHE_DIR=f"{fresh}/inductor")
+                p = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 print(f"{name}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
                 continue
             res = json.loads(line[7:])
+            if r == 0:  # its start-up is the cold one; its speeds count like any round's
+                cold[name] = res["start_s"]
+                res = {**res, "start_s": None}
             runs[name].append(res)
             print(f"round {r + 1} {name}: prefill {args.prompt_tokens / res['prefill_s']:.0f} tok/s, "
                   f"decode {(args.new_tokens - 1) / res['decode_s']:.1f} tok/s", file=sys.stderr)
@@ -165,44 +202,50 @@ def main():
     for name, rs in runs.items():
         if not rs:
             continue
-        best_prefill = min(x["prefill_s"] for x in rs)
-        best_decode = min(x["decode_s"] for x in rs)
-        table[name] = dict(prefill_tok_s=args.prompt_tokens / best_prefill,
-                           decode_tok_s=(args.new_tokens - 1) / best_decode,
-                           peak_rss_mib=max(x["peak_rss_mib"] for x in rs), warmup_s=min(x["warmup_s"] for x in rs),
-                           tokens=rs[0]["tokens"])
-    ref = table.get("transformers fp32")
-    print(f"\nSmolLM2-135M, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, batch 1, greedy, "
-          f"{os.cpu_count()} cores\n")
-    print("| engine | prefill tok/s | decode tok/s | decode vs transformers fp32 | peak RSS MiB | warm-up s |")
-    print("|---|---:|---:|---:|---:|---:|")
+        warm = [x["start_s"] for x in rs if x["start_s"] is not None]
+        table[name] = dict(prefill_tok_s=args.prompt_tokens / min(x["prefill_s"] for x in rs),
+                           decode_tok_s=(args.new_tokens - 1) / min(x["decode_s"] for x in rs),
+                           peak_rss_mib=max(x["peak_rss_mib"] for x in rs), cold_start_s=cold.get(name),
+                           warm_start_s=min(warm) if warm else None, tokens=rs[0]["tokens"])
+    ref = table.get("llama-bench")
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    print(f"\nSmolLM2-135M Q4_1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, batch 1, greedy, "
+          f"{args.threads} threads, {os.cpu_count()} cores, load average at start {load_at_start:.2f}\n")
+    print("| engine | prefill tok/s | decode tok/s | decode vs llama-bench | peak RSS MiB | RSS vs llama-bench "
+          "| cold start s | warm start s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, row in table.items():
         ratio = f"{row['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref else "-"
+        rss_ratio = f"{row['peak_rss_mib'] / ref['peak_rss_mib']:.2f}x" if ref else "-"
         print(f"| {name} | {row['prefill_tok_s']:.0f} | {row['decode_tok_s']:.1f} | {ratio} | "
-              f"{row['peak_rss_mib']:.0f} | {row['warmup_s']:.1f} |")
-    hf_bf16, lcpp = table.get("transformers bf16"), table.get("llama-cpp-python Q4_1")
+              f"{row['peak_rss_mib']:.0f} | {rss_ratio} | {fmt(row['cold_start_s'], '.1f')} | "
+              f"{fmt(row['warm_start_s'], '.1f')} |")
     ratios = {}
-    for name, ours in table.items():
-        if not name.startswith("llmlab"):
-            continue
-        if ref:
-            ratios[f"{name}: decode vs transformers fp32"] = ours["decode_tok_s"] / ref["decode_tok_s"]
-        if hf_bf16:
-            ratios[f"{name}: decode vs transformers bf16"] = ours["decode_tok_s"] / hf_bf16["decode_tok_s"]
-            ratios[f"{name}: prefill vs transformers bf16"] = ours["prefill_tok_s"] / hf_bf16["prefill_tok_s"]
-        if lcpp:
-            ratios[f"{name}: decode vs llama-cpp-python"] = ours["decode_tok_s"] / lcpp["decode_tok_s"]
-            ratios[f"{name}: prefill vs llama-cpp-python"] = ours["prefill_tok_s"] / lcpp["prefill_tok_s"]
-        if ref and ours["tokens"] and ref["tokens"]:
-            same = sum(a == b for a, b in zip(ours["tokens"], ref["tokens"]))
-            ratios[f"{name}: greedy tokens equal to transformers fp32"] = f"{same}/{len(ref['tokens'])}"
+    llmlab_rows = {k: v for k, v in table.items() if k.startswith("llmlab")}
+    if llmlab_rows:
+        best = max(llmlab_rows, key=lambda k: llmlab_rows[k]["decode_tok_s"])
+        ratios["llmlab best"] = best
+        for name in dict.fromkeys(["llmlab default", best]):
+            ours = table.get(name)
+            if ours and ref:
+                ratios[f"{name}: decode vs llama-bench"] = ours["decode_tok_s"] / ref["decode_tok_s"]
+                ratios[f"{name}: peak RSS vs llama-bench"] = ours["peak_rss_mib"] / ref["peak_rss_mib"]
+            if ours and "transformers fp32" in table:
+                ratios[f"{name}: decode vs transformers fp32"] = (ours["decode_tok_s"] /
+                                                                  table["transformers fp32"]["decode_tok_s"])
+    exact = table.get("llmlab exact")
+    for name, ours in llmlab_rows.items():
+        if exact and name != "llmlab exact" and ours["tokens"] and exact["tokens"]:
+            same = sum(a == b for a, b in zip(ours["tokens"], exact["tokens"]))
+            ratios[f"{name}: greedy tokens equal to llmlab exact"] = f"{same}/{len(exact['tokens'])}"
     print()
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}")
     RESULTS.parent.mkdir(exist_ok=True)
     out = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, cores=os.cpu_count(),
-               engines={k: {kk: vv for kk, vv in v.items() if kk != "tokens"} for k, v in table.items()},
-               ratios=ratios, load_average_at_start=busy_cores())
+               threads=args.threads, engines={k: {kk: vv for kk, vv in v.items() if kk != "tokens"}
+                                              for k, v in table.items()},
+               ratios=ratios, load_average_at_start=load_at_start)
     tmp = RESULTS.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2) + "\n")
     os.replace(tmp, RESULTS)

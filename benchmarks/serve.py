@@ -2,9 +2,12 @@
 and 16 concurrent streaming clients, for llmlab's server and its peers on the same model:
 
 - transformers' `generate` behind a simple server loop (one request at a time, streamed with TextIteratorStreamer);
+- llama.cpp's own C++ `llama-server -np N` (continuous batching, N = the most clients) on the same GGUF, when
+  benchmarks/build_llamacpp.sh has built it (`--peers llama_server`);
 - llama-cpp-python's OpenAI server on the same GGUF, when `llama_cpp` is installed.
 
 Usage: python benchmarks/serve.py [--model smollm2] [--levels 1,4,16] [--requests 2] [--max-tokens 64]
+                                  [--peers transformers,llama_server,llama_cpp]
 Writes benchmarks/results/serve.json. Bar: llmlab at 16 clients >= 3x its 1-client tokens/s, and above each peer.
 """
 
@@ -71,6 +74,22 @@ def measure(base: str, model: str, clients: int, requests: int, max_tokens: int)
             "tokens_per_s": round(tokens / wall, 2), "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
             "itl_p50": pct(itl, 0.5), "itl_p95": pct(itl, 0.95),
             "itl_mean": statistics.fmean(itl) if itl else None}
+
+
+def shared_prefix_ttft(base: str, model: str, system_tokens: int = 500, questions: int = 4) -> float:
+    """Median time to the first token of `questions` one-token chat requests that share a ~system_tokens-token system
+    prompt (the first request, which fills the prefix cache, is not counted)."""
+    system = "You are a helpful assistant for a travel company. " + " ".join(
+        f"Rule {i}: answer politely, cite the booking number and keep it short." for i in range(system_tokens // 14))
+    times = []
+    with httpx.Client(base_url=base, timeout=600) as http:
+        for i in range(questions + 1):
+            body = {"model": model, "max_tokens": 1, "temperature": 0,
+                    "messages": [{"role": "system", "content": system}, {"role": "user", "content": PROMPTS[i % 6]}]}
+            start = time.perf_counter()
+            http.post("/v1/chat/completions", json=body).raise_for_status()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 # ---- peers ---------------------------------------------------------------------------------------------------
@@ -167,7 +186,7 @@ def main():
     parser.add_argument("--levels", default="1,4,16")
     parser.add_argument("--requests", type=int, default=2, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--peers", default="transformers,llama_cpp")
+    parser.add_argument("--peers", default="transformers,llama_server,llama_cpp")
     parser.add_argument("--int4", action="store_true", help="serve llmlab with 4-bit decode copies (llmlab.load int4)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
     args = parser.parse_args()
@@ -195,11 +214,25 @@ def main():
     results["llmlab_int4"] = args.int4
     with running_server(llm, model_name=args.model, max_batch=max(levels), max_len=1024) as base:
         run("llmlab", base, args.model)
+        cached = shared_prefix_ttft(base, args.model)
+    with running_server(llm, model_name=args.model, max_batch=max(levels), max_len=1024, prefix_cache=False) as base:
+        uncached = shared_prefix_ttft(base, args.model)
+    results["shared_prefix_ttft"] = {"system_tokens": 500, "cached_s": round(cached, 3), "uncached_s": round(uncached, 3)}
+    print(f"TTFT with a shared 500-token system prompt: {cached:.3f} s cached, {uncached:.3f} s without the prefix "
+          f"cache ({uncached / cached:.1f}x)", flush=True)
     del llm
     peers = args.peers.split(",")
     if "transformers" in peers:
         with transformers_server(gguf) as base:
             run("transformers", base, args.model)
+    if "llama_server" in peers:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import llamacpp
+        if not (llamacpp.bin_dir() / "llama-server").is_file():
+            print("llama-server is not built (bash benchmarks/build_llamacpp.sh): skipping that peer")
+        else:
+            with llamacpp.server(gguf, free_port(), threads=2, parallel=max(levels), ctx=1024) as base:
+                run("llama_server", base.removesuffix("/v1"), args.model)
     if "llama_cpp" in peers:
         try:
             import llama_cpp  # noqa: F401

@@ -23,7 +23,7 @@ def smollm2(smollm2_gguf):
 
     import llmlab
 
-    return llmlab.load("smollm2", dtype=torch.float32)
+    return llmlab.load("smollm2", dtype=torch.float32, exact=True)  # dense weights, fp32 eager decoding
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +57,12 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs two workers on two cores) each worker computes on one thread: two
+    workers of two threads each would fight over the cores."""
+    import os
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+        torch.set_num_threads(1)

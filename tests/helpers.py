@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import gguf
@@ -116,3 +117,51 @@ def write_tokenizer_gguf(path, model="gpt2", pre="llama-bpe", add_bos=True, arch
     w.write_tensors_to_file()
     w.close()
     return tokens
+
+
+@contextmanager
+def running_arena(llms: dict, db, seed=0):
+    """An arena server (`llmlab arena serve`) over llms ({name: LLM}) on a free local port, votes in db; yields its
+    base URL."""
+    import threading
+    import time
+
+    from llmlab.serve.app import create_app
+    from llmlab.serve.routes_arena import install_arena
+    from llmlab.serve.run import address, bind, uvicorn_server
+    from llmlab.serve.state import ServerOptions
+
+    first = next(iter(llms))
+    options = ServerOptions(model_name=first, max_batch=2, max_len=512, db=str(db))
+    app = create_app(llms[first], options)
+    install_arena(app, llms, options, seed=seed)
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn_server(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the arena server did not start"
+        time.sleep(0.02)
+    try:
+        yield address(sock)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def arena_battle(client, prompt="Hi", max_tokens=8, seed=None):
+    """Run one arena battle over HTTP (an httpx client on the arena's URL); returns its id and the streamed texts.
+    Fails if any event names a model before the vote."""
+    texts, battle_id = {"a": "", "b": ""}, None
+    with client.stream("POST", "/arena/battle", json={"messages": [{"role": "user", "content": prompt}],
+                                                      "max_tokens": max_tokens, "seed": seed}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                data = json.loads(line[6:])
+                assert "model_a" not in data and "error" not in data
+                if "side" in data:
+                    texts[data["side"]] += data["delta"]
+                battle_id = data.get("battle_id", battle_id)
+    return battle_id, texts

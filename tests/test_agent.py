@@ -1,5 +1,6 @@
 """The agent: tools from typed functions, the function-calling loop on the real SmolLM2 (in-process, and through
-`llmlab serve` with the endpoint client), budgets that end a run with a reason, and the JSONL trace."""
+`llmlab serve` with the endpoint client), both clients' chat_tools, budgets that end a run with a reason, and the
+JSONL trace."""
 
 import json
 from typing import Literal
@@ -7,8 +8,8 @@ from typing import Literal
 import pytest
 
 from llmlab.agent.loop import format_trace, read_trace, run_agent
-from llmlab.agent.tools import builtin_tools, calculate, function_tool, workspace_tools
-from llmlab.client import EndpointClient, LocalClient
+from llmlab.agent.tools import ToolCall, builtin_tools, calculate, execute, function_tool, workspace_tools
+from llmlab.client import EndpointClient, GenParams, LocalClient
 from llmlab.errors import LLMLabError
 from llmlab.serve.testing import running_server
 
@@ -72,11 +73,43 @@ def test_budgets_end_the_run_with_a_reason(local):
     assert r.reason in ("step_budget", "final_answer") and r.steps == 1
 
 
-def test_agent_through_the_server(smollm2, tmp_path):
+ADD = {"type": "function", "function": {
+    "name": "add", "description": "Add two integers and return their sum.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                   "required": ["a", "b"]}}}
+
+
+def test_agent_through_the_server_and_chat_tools_on_both_clients(smollm2, local, tmp_path):
+    question = [{"role": "user", "content": "What is 123 + 456? Use the add tool."}]
+    params = GenParams(max_tokens=60, temperature=0)
     with running_server(smollm2, model_name="smollm2", max_len=2048) as url:
         client = EndpointClient(url, "smollm2")
         r = run_agent(client, "What is 123 * 45? Use calculate.", builtin_tools(names=["calculate"]), max_steps=1,
                       step_tokens=40)
+        remote = client.chat_tools(question, [ADD], params, tool_choice="required")
+        said = client.chat_tools(question, [ADD], params, tool_choice="none")
     assert r.steps == 1 and r.trace[1]["message"]["tool_calls"][0]["function"]["name"] in ("calculate",
                                                                                           "final_answer")
     json.loads(r.trace[1]["message"]["tool_calls"][0]["function"]["arguments"])
+    here = local.chat_tools(question, [ADD], params, tool_choice="required")
+    # the same prompt format and grammar in-process and on the server: greedy SmolLM2 copies the numbers
+    for g in (remote, here):
+        (call,) = g.tool_calls
+        assert g.finish_reason == "tool_calls" and call["id"].startswith("call_") and call["function"]["name"] == "add"
+        assert json.loads(call["function"]["arguments"]) == {"a": 123, "b": 456}
+    assert said.tool_calls == [] and said.text  # tool_choice none: text, no calls
+    with pytest.raises(LLMLabError, match="not valid JSON Schema"):
+        local.chat_tools(question, [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}],
+                         params)
+    with pytest.raises(LLMLabError, match="'nope'"):
+        local.chat_tools(question, [ADD], params, tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def test_calls_the_tools_cannot_take_become_observations():
+    by_name = {t.name: t for t in builtin_tools(names=["calculate"])}
+    assert execute(by_name, ToolCall("search", {"query": "x"})) == "Error: there is no tool 'search' (tools: calculate)"
+    assert "not valid JSON" in execute(by_name, ToolCall("calculate", "{expression: 2"))
+    assert "must be a JSON object" in execute(by_name, ToolCall("calculate", "[1]"))
+    assert execute(by_name, ToolCall("calculate", '{"expression": "2 + 2"}')) == "4"
+    with pytest.raises(LLMLabError, match="two tools are named 'calculate'"):
+        run_agent(None, "x", builtin_tools(names=["calculate"]) * 2)

@@ -111,3 +111,18 @@ def test_majority_vote_ties_and_report():
     assert r["items"] == 2 and r["labels"] == 5 and r["fleiss_kappa"] is None
     with pytest.raises(LLMLabError, match="two different labels"):
         majority_vote(triples + [("q1", "a", "B")])
+
+
+def test_dawid_skene_one_em_step_by_hand():
+    """Two items, two annotators: q1 both say 0; q2 a says 0, b says 1. Start: q1 is 0, q2 half and half."""
+    triples = [("q1", "a", 0), ("q1", "b", 0), ("q2", "a", 0), ("q2", "b", 1)]
+    ds = dawid_skene(triples, iters=1, smoothing=0.01)
+    prior = [0.75, 0.25]  # mean of the starting posteriors [1, 0] and [0.5, 0.5]
+    # confusion[truth][said] = smoothing + sum of the posterior of truth over the items where the annotator said it
+    conf_a = [[1.51 / 1.52, 0.01 / 1.52], [0.51 / 0.52, 0.01 / 0.52]]
+    conf_b = [[1.01 / 1.52, 0.51 / 1.52], [0.01 / 0.52, 0.51 / 0.52]]
+    assert np.allclose(ds["confusion"]["a"], conf_a) and np.allclose(ds["confusion"]["b"], conf_b)
+    # q2's posterior: prior times the chance each annotator said what they said, normalised
+    p0, p1 = prior[0] * conf_a[0][0] * conf_b[0][1], prior[1] * conf_a[1][0] * conf_b[1][1]
+    assert ds["posteriors"]["q2"][0] == pytest.approx(p0 / (p0 + p1), rel=1e-9)
+    assert ds["labels"]["q2"] == (0 if p0 > p1 else 1)

@@ -5,16 +5,15 @@ The model is the tiny random checkpoint (fast); the voter's preference is one su
 pairs: the arithmetic prompts ask for the number only, so it prefers the answer that starts with a digit. Answers
 are 4 tokens, which puts DPO's signal on the first ones."""
 
+import httpx
 import numpy as np
 
-import httpx
-
+from helpers import arena_battle, running_arena
 from llmlab.api import load
 from llmlab.cli.main import main
 from llmlab.eval.arena import arena_report
 from llmlab.serve.feedback import export_arena_pairs, read_votes
 from llmlab.train import tasks
-from test_arena_serve import battle, running_arena
 
 PROMPTS = [t["messages"][-1]["content"] for t in tasks.make_tasks("arithmetic", 64, seed=1)]  # "... number only."
 
@@ -28,7 +27,8 @@ def scripted_vote(a: str, b: str) -> str:
 def arena_round(llms, db, n, seed):
     with running_arena(llms, db, seed=seed) as url, httpx.Client(base_url=url, timeout=120) as client:
         for k in range(n):
-            battle_id, texts = battle(client, PROMPTS[k % len(PROMPTS)], max_tokens=4, seed=seed * 1000 + 2 * k)
+            battle_id, texts = arena_battle(client, PROMPTS[k % len(PROMPTS)], max_tokens=4,
+                                            seed=seed * 1000 + 2 * k)
             vote = scripted_vote(texts["a"], texts["b"])
             r = client.post("/arena/vote", json={"battle_id": battle_id, "vote": vote, "voter": "script"})
             assert r.status_code == 200

@@ -3,41 +3,14 @@ the vote in SQLite, the names shown only after the vote; bad votes are clear 4xx
 
 import json
 import sqlite3
-import threading
-import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
 
+from helpers import arena_battle, running_arena
 from llmlab.api import load
-from llmlab.serve.app import create_app
 from llmlab.serve.feedback import export_arena_pairs, read_votes
-from llmlab.serve.routes_arena import install_arena
-from llmlab.serve.run import address, bind, uvicorn_server
-from llmlab.serve.state import ServerOptions
 from llmlab.serve.testing import running_server
-
-
-@contextmanager
-def running_arena(llms: dict, db, seed=0):
-    first = next(iter(llms))
-    options = ServerOptions(model_name=first, max_batch=2, max_len=512, db=str(db))
-    app = create_app(llms[first], options)
-    install_arena(app, llms, options, seed=seed)
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn_server(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the arena server did not start"
-        time.sleep(0.02)
-    try:
-        yield address(sock)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -74,26 +47,10 @@ def test_arena_page_votes_then_reveals_the_names(browser, models, tmp_path):
                                              "rejected": answers["a"]}
 
 
-def battle(client, prompt="Hi", max_tokens=8, seed=None):
-    """Run one battle over HTTP; returns its id and the streamed texts."""
-    texts, battle_id = {"a": "", "b": ""}, None
-    with client.stream("POST", "/arena/battle", json={"messages": [{"role": "user", "content": prompt}],
-                                                      "max_tokens": max_tokens, "seed": seed}) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                data = json.loads(line[6:])
-                assert "model_a" not in data and "error" not in data
-                if "side" in data:
-                    texts[data["side"]] += data["delta"]
-                battle_id = data.get("battle_id", battle_id)
-    return battle_id, texts
-
-
 def test_bad_votes_are_clear_4xx_and_write_nothing(models, tmp_path):
     db = tmp_path / "arena.sqlite"
     with running_arena(models, db) as url, httpx.Client(base_url=url, timeout=120) as client:
-        battle_id, _ = battle(client)
+        battle_id, _ = arena_battle(client)
         r = client.post("/arena/vote", json={"battle_id": "battle-nope", "vote": "a"})
         assert r.status_code == 404 and "no arena battle 'battle-nope'" in r.json()["error"]["message"]
         r = client.post("/arena/vote", json={"battle_id": battle_id, "vote": "A"})

@@ -7,9 +7,11 @@ import pytest
 
 from llmlab.client import EndpointClient, LocalClient
 from llmlab.errors import LLMLabError
-from llmlab.rag.answer import RERANK_PROMPT, ask, rerank, resolve_citations
+from llmlab.rag.answer import RERANK_PROMPT, Answer, ask, rerank, resolve_citations
+from llmlab.rag.faithfulness import CALIBRATION, answer_correct, claims, faithfulness
 from llmlab.rag.embed import Embedder
 from llmlab.rag.index import RagIndex, build_index
+from llmlab.safety.hallucination import yes_probabilities
 
 DOCS = [
     {"id": "paris", "text": "Paris is the capital of France. The city lies on the river Seine."},
@@ -75,3 +77,57 @@ def test_question_likelihood_rerank_through_an_endpoint_matches_in_process(smoll
     assert [h.chunk.chunk_id for h in remote] == [h.chunk.chunk_id for h in local]
     # the server scores the same tokens with the same weights, batched differently: float32 rounding only
     assert [h.score for h in remote] == pytest.approx([h.score for h in local], abs=1e-3)
+
+
+def test_answer_correctness_and_claims():
+    assert answer_correct("She studied at Rice University [1].", ["Rice University"])
+    assert answer_correct("Born on August 13, 1982.", ["august 13 1982"])  # case and punctuation do not count
+    assert not answer_correct("Rice", ["Rice University"])
+    assert not answer_correct("Price University", ["Rice University"])  # whole words only
+    assert answer_correct("It was Hugo.", ["Clara", "Hugo"])  # any gold answer
+    assert claims("Paris is the capital [1]. It lies on the Seine [1, 2].") == ["Paris is the capital.",
+                                                                                "It lies on the Seine."]
+    assert claims("I do not know. The passages do not say.") == ["The passages do not say."]
+    assert claims("I don't know [2].") == []
+
+
+def test_faithfulness_counts_supported_claims(smollm2, index):
+    client = LocalClient(smollm2)
+    shown = index.search("What is the capital of France?", k=1, method="bm25")
+    answers = [Answer("q", "", "Paris is the capital of France [1]. Paris lies on the river Seine [1].", shown),
+               Answer("q", "", "I do not know.", shown)]
+    rows = faithfulness(client, answers)
+    assert rows[1] == {"claims": [], "faithfulness": None}  # an abstention makes no claim
+    claims_ = rows[0]["claims"]
+    assert [c["claim"] for c in claims_] == ["Paris is the capital of France.", "Paris lies on the river Seine."]
+    # the judge's probabilities are the grounding check's own, and the share counts those at 0.5 or more
+    expected = yes_probabilities(client, [(shown[0].chunk.indexed_text, c["claim"]) for c in claims_])
+    assert [c["support"] for c in claims_] == pytest.approx(expected, abs=1e-5)
+    assert rows[0]["faithfulness"] == sum(p >= 0.5 for p in expected) / 2
+
+
+def test_rag_eval_answers_through_an_endpoint(smollm2, index, tmp_path, capsys):
+    from llmlab.cli.main import main
+    from llmlab.serve.testing import running_server
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "What is the capital of France?", "relevant": ["paris"],
+                                     "answers": ["Paris"]}) + "\n"
+                         + json.dumps({"question": "Which city was the centre of the Roman Empire?",
+                                       "relevant": ["rome"]}) + "\n")  # no gold answer: retrieval only
+    assert main(["rag", "eval", str(index.path), str(questions), "--answers", "--n-answers", "0"]) == 2
+    assert "--n-answers must be at least 1" in capsys.readouterr().err
+    with running_server(smollm2, model_name="rag-test") as url:
+        code = main(["rag", "eval", str(index.path), str(questions), "--answers", "--answer-k", "2", "--json",
+                     "--endpoint", url + "/v1", "--endpoint-model", "rag-test", "--max-tokens", "24"])
+    assert code == 0, capsys.readouterr().err
+    out = json.loads(capsys.readouterr().out)
+    assert out["retrieval"]["bm25"]["all"]["recall@1"] == 1.0
+    answers = out["answers"]
+    assert answers["n"] == 1 and answers["records"][0]["correct"] and answers["accuracy"] == 1.0
+    assert answers["records"][0]["retrieved_relevant"]
+    lo, hi = answers["accuracy_ci95"]
+    assert 0 < lo < 1.0 <= hi + 1e-9  # Wilson's interval for 1 of 1
+    judge = answers["judge"]
+    assert judge["n"] == len(CALIBRATION) == 32 and judge["labelled_supported"] == 16
+    assert judge["agreement_ci95"][0] <= judge["agreement"] <= judge["agreement_ci95"][1]

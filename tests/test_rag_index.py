@@ -98,6 +98,10 @@ def test_query_with_another_embedding_model_is_refused(corpus, tmp_path, embedde
     with pytest.raises(LLMLabError, match="built with embedding model"):
         index.search("cats", method="dense", embedder=embedder)
     assert index.search("cats", method="bm25", embedder=embedder)  # BM25 needs no embedding model
+    # re-indexing with the default model reuses nothing: every vector is re-embedded in the new model's space
+    report = build_index([str(corpus)], tmp_path / "idx", embedder=embedder)
+    assert (report.reused_files, report.embedded_chunks) == (0, report.chunks)
+    assert RagIndex.load(tmp_path / "idx").manifest["embedding_model"] == "all-MiniLM-L6-v2"
 
 
 def test_incremental_reindex_embeds_changed_files_only(corpus, tmp_path, embedder):
@@ -183,6 +187,8 @@ def test_bios_evalset(tmp_path, capsys, embedder):
     questions = read_questions(tmp_path / "ev" / "questions.jsonl")
     results = evaluate(RagIndex.load(tmp_path / "idx"), questions, embedder=embedder)
     assert results["bm25"]["name"]["n"] == 20 and results["bm25"]["attribute"]["n"] == 20
+    # gold answers for `rag eval --answers`: the attribute's value, or the people who match
+    assert all(q["answers"] and (q["kind"] == "name" or q["answers"] == q["relevant"]) for q in questions)
     for method in ("bm25", "hybrid"):  # the full name is in the question and in one biography
         assert results[method]["name"]["recall@1"] == 1.0, method
     assert results["dense"]["name"]["recall@5"] >= 0.9

@@ -194,12 +194,15 @@ def test_beam_must_be_positive():
     (["--strategy", "nope"], "unknown strategy 'nope'"),
     (["--task", "nope"], "unknown task 'nope'"),
     (["-k", "0"], "-k must be at least 1"),
+    (["-k", "-3"], "-k must be at least 1"),
     (["--budget", "10", "--max-tokens", "64"], "too small for one sample of up to 64 tokens"),
     (["--strategy", "cot", "-k", "4"], "-k does not apply to strategy 'cot'"),
     (["--strategy", "cot", "--weighted"], "--weighted does not apply to strategy 'cot'"),
     (["--strategy", "cot", "--sweep", "1,2"], "'cot' has none"),
     (["--sweep", "1,x"], "comma-separated integers"),
     (["--strategy", "cot", "--strong-model", "smollm2"], "apply to router and debate"),
+    (["--strategy", "best-of-n", "--scorer", "prm:/nonexistent/prm"], "no process reward model directory at"),
+    (["--strategy", "tree", "--budget", "10", "--step-tokens", "48"], "too small for one sample of up to 48"),
 ])
 def test_cli_bad_input_is_one_line_before_any_model_loads(args, message, capsys):
     from llmlab.cli.main import main

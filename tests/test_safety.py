@@ -21,14 +21,16 @@ def test_detection_separates_greedy_continuations_from_stdlib_prose(smollm2, cli
     paras = stdlib_paragraphs(tok, 4, 96)
     openings = [tok.decode(tok.encode(p)[:32]) for p in paras]
     gens = client.generate(openings, GenParams(max_tokens=40, temperature=0.0), chat=False)
-    machine = detection_scores([o + g.text for o, g in zip(openings, gens)], smollm2)
-    human = detection_scores([o + tok.decode(tok.encode(p)[32:32 + 40]) for o, p in zip(openings, paras)], smollm2)
+    machine = detection_scores([o + g.text for o, g in zip(openings, gens)], smollm2, curvature=4)
+    human = detection_scores([o + tok.decode(tok.encode(p)[32:32 + 40]) for o, p in zip(openings, paras)], smollm2,
+                             curvature=4)
     for m, h in zip(machine, human):  # greedy text is the model's most likely: each pair, not just on average
         assert m["loglik"] > h["loglik"]
         assert m["logrank"] < h["logrank"]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
     assert mean(machine, "entropy") < mean(human, "entropy")
     assert mean(machine, "binoculars") < mean(human, "binoculars")
+    assert mean(machine, "curvature") > mean(human, "curvature")  # greedy text sits at a local maximum
     assert looks_machine(machine[0], {"loglik": machine[0]["loglik"] - 1})["loglik"] is True
 
 

@@ -1,5 +1,6 @@
-"""Prompt-lookup speculative decoding: greedy output identical to plain decoding on SmolLM2, the sampled token
-distributed as the plain sampler's (chi-square on a tiny model), stop rules honoured exactly."""
+"""Speculative decoding (prompt lookup, a draft model, the model's own 4-bit copy): greedy output identical to plain
+decoding on SmolLM2, the sampled token distributed as the plain sampler's (chi-square on a tiny model, point-mass and
+full-distribution drafts), stop rules honoured exactly, auto-off, the CLI and the server (usage and /metrics)."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,10 @@ from scipy.stats import chisquare
 
 from helpers import ByteTokenizer, assert_greedy_up_to_ties, decode_logits
 from llmlab.engine import Engine, SamplingParams
-from llmlab.engine.speculative import SpeculativeDecoder, lookup_draft, speculative_generate, target_probs
+from llmlab.engine.draft import ModelDrafter, self_drafter
+from llmlab.engine.speculative import (SpeculativeDecoder, SpeculativeStats, lookup_draft, speculation_loses,
+                                       speculative_generate)
+from llmlab.engine.sampling import sampling_probs
 from llmlab.errors import LLMLabError
 
 PASSAGE = ("The lighthouse keeper, Mara Quill, logged the storm at 03:40 on 12 March 1911. The beam failed twice, "
@@ -26,20 +30,43 @@ def test_lookup_draft_takes_the_latest_longest_match():
     assert lookup_draft([7], k=3) == []
 
 
+@pytest.fixture(scope="module")
+def smollm2_drafters(smollm2):
+    """The three draft kinds for SmolLM2: lookup, its own 4-bit copy, and a small random model with its vocabulary
+    (a poor draft: it exercises rejections at every position)."""
+    from llmlab.model import ModelConfig, Transformer
+    cfg = smollm2.model.config
+    small = Transformer(ModelConfig(vocab_size=cfg.vocab_size, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                                    max_seq_len=cfg.max_seq_len, tie_embeddings=True)).init_weights(seed=0)
+    return {"lookup": None, "self": self_drafter(smollm2.model), "draft": ModelDrafter(small.eval())}
+
+
+@pytest.fixture(scope="module")
+def plain_greedy(smollm2):
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    return {p: smollm2.engine.generate([smollm2.prompt_ids(p)], params)[0] for p in PROMPTS}
+
+
+@pytest.mark.parametrize("kind", ["lookup", "self", "draft"])
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_identical_to_plain_on_smollm2(smollm2, prompt):
+def test_greedy_identical_to_plain_on_smollm2(smollm2, smollm2_drafters, plain_greedy, kind, prompt):
+    if kind != "lookup" and prompt == PROMPTS[1]:
+        pytest.skip("two prompts per model draft keep the file fast; lookup runs all three")
     ids = smollm2.prompt_ids(prompt)
     params = SamplingParams(temperature=0, max_new_tokens=24)
-    plain = smollm2.engine.generate([ids], params)[0]
-    spec, stats = speculative_generate(smollm2.engine, ids, params)
+    plain = plain_greedy[prompt]
+    decoder = SpeculativeDecoder(smollm2.engine, smollm2_drafters[kind], min_acceptance=0.0, auto_off=False)
+    spec, stats = decoder.generate(ids, params), decoder.stats
     assert spec.finish_reason == plain.finish_reason and spec.completion_tokens == plain.completion_tokens
     if spec.token_ids != plain.token_ids:
         # a verify forward of k + 1 tokens rounds differently from a one-token step (~1e-5 on these logits);
         # where the two best logits are that close either may win, so check each token is greedy up to that
         assert_greedy_up_to_ties(decode_logits(smollm2.model, ids, spec.token_ids), spec.token_ids, margin=1e-3)
-    assert stats.tokens == spec.completion_tokens
-    if prompt.startswith("Repeat"):  # the copy is drafted from the prompt and the drafts are kept
+    assert stats.tokens == spec.completion_tokens and stats.drafted > 0
+    if prompt.startswith("Repeat") and kind == "lookup":  # the copy is drafted from the prompt and kept
         assert stats.accepted >= 8 and stats.tokens_per_step > 1.5, stats
+    if kind == "self":  # the 4-bit copy of a Q4_1 file is the same weights, up to bf16 scales: most drafts are kept
+        assert stats.acceptance_rate > 0.6 and stats.tokens_per_step > 2, stats
 
 
 def test_stop_string_text_and_finish_reason_match_plain(smollm2):
@@ -96,11 +123,32 @@ def test_drafting_turns_off_when_acceptance_is_low(tiny_engine):
     prompt = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]
     params = SamplingParams(temperature=0, max_new_tokens=50)
     plain = tiny_engine.generate([prompt], params)[0]
-    always = SpeculativeDecoder(tiny_engine, draft_tokens=4, min_acceptance=0.0)
-    never_enough = SpeculativeDecoder(tiny_engine, draft_tokens=4, min_acceptance=1.01)  # no rate reaches it
+    always = SpeculativeDecoder(tiny_engine, draft_tokens=4, min_acceptance=0.0, auto_off=False)
+    # no rate reaches 1.01
+    never_enough = SpeculativeDecoder(tiny_engine, draft_tokens=4, min_acceptance=1.01, auto_off=False)
     assert always.generate(prompt, params).token_ids == plain.token_ids
     assert never_enough.generate(prompt, params).token_ids == plain.token_ids
     assert always.stats.drafted > JUDGE_AFTER + 4 >= never_enough.stats.drafted >= JUDGE_AFTER
+    assert never_enough.stats.turned_off == 1 and always.stats.turned_off == 0
+
+
+def test_speculation_loses_when_measured_slower_than_plain():
+    slow = SpeculativeStats(drafted=30, accepted=15, spec_tokens=20, spec_seconds=2.0)  # 0.1 s a token
+    assert speculation_loses(slow, plain_step_seconds=0.05, min_acceptance=0.15)  # plain: 0.05 s a token
+    assert not speculation_loses(slow, plain_step_seconds=0.2, min_acceptance=0.15)
+    assert not speculation_loses(slow, plain_step_seconds=None, min_acceptance=0.15)  # nothing to compare with yet
+    early = SpeculativeStats(drafted=10, accepted=0, spec_tokens=10, spec_seconds=9.0)
+    assert not speculation_loses(early, plain_step_seconds=0.01, min_acceptance=0.15)  # too early to judge
+    assert speculation_loses(SpeculativeStats(drafted=30, accepted=3), None, min_acceptance=0.15)
+
+
+def test_auto_off_times_plain_steps_first(tiny_engine):
+    from llmlab.engine.speculative import PLAIN_PROBES
+    decoder = SpeculativeDecoder(tiny_engine, draft_tokens=4)
+    prompt = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    assert decoder.generate(prompt, params).token_ids == tiny_engine.generate([prompt], params)[0].token_ids
+    assert decoder.plain_step_seconds() is not None and len(decoder.plain_seconds) >= PLAIN_PROBES
 
 
 def test_bad_draft_length_is_refused(tiny_engine):
@@ -117,14 +165,14 @@ def test_sampled_first_token_keeps_the_target_distribution(tiny_engine, options)
     for c in range(VOCAB):  # pick c so that both branches (kept, rejected) happen often
         prompt = [a, b, c, 2, a, b]
         reference, _ = tiny_engine.prefill(prompt)
-        p = target_probs(reference, SamplingParams(**options))[0]
+        p = sampling_probs(reference, SamplingParams(**options))[0]
         if best is None or abs(float(p[c]) - 0.4) < abs(float(best[2][best[0]]) - 0.4):
             best = (c, prompt, p)
     c, prompt, p = best
     assert lookup_draft(prompt, 5)[0] == c and 0.1 < float(p[c]) < 0.8
     runs = 800  # enough to see a shift of ~0.07 in p(c); quick on a tiny model
     counts = np.zeros(VOCAB)
-    decoder = SpeculativeDecoder(tiny_engine, draft_tokens=3)
+    decoder = SpeculativeDecoder(tiny_engine, draft_tokens=3, auto_off=False)
     for seed in range(runs):
         counts[decoder.generate(prompt, SamplingParams(max_new_tokens=2, seed=seed, **options)).token_ids[0]] += 1
     assert 0 < decoder.stats.accepted < runs  # both branches ran
@@ -158,3 +206,92 @@ def test_cli_speculate_matches_plain_and_refuses_beam_and_endpoint(tiny_ckpt, ca
     assert "cannot be combined with --beam" in capsys.readouterr().err
     assert main(args[:1] + ["--endpoint", "http://127.0.0.1:9/v1", "--speculate", "lookup", "x"]) == 2
     assert "cannot be combined with --endpoint" in capsys.readouterr().err
+    assert main(args + ["--speculate", "self"]) == 0  # the model's 4-bit copy drafts: the same greedy text
+    captured = capsys.readouterr()
+    assert captured.out == plain and "speculative (self)" in captured.err
+    assert main(args + ["--speculate", "bogus"]) == 2
+    assert "--speculate 'bogus'" in capsys.readouterr().err
+
+
+def chi_square_cells(counts, p, runs):
+    """(observed, expected) with the rare tokens pooled (chi-square wants >= 5 expected per cell)."""
+    expected = p.double().numpy()
+    expected = expected / expected.sum() * runs  # float32 probabilities sum to 1 only to ~1e-7
+    big, rare = expected >= 5, (p.numpy() > 0) & (expected < 5)
+
+    def cells(c):
+        return np.append(c[big], c[rare].sum()) if rare.any() else c[big]
+
+    return cells(counts), cells(expected)
+
+
+def test_sampled_token_keeps_the_target_distribution_with_a_draft_model(tiny_engine):
+    options = dict(temperature=0.7, top_k=8, top_p=0.9)  # the filters apply to q as to p
+    # the draft is another tiny model: its q differs from p, so both acceptance min(1, p/q) and the residual
+    # norm(max(0, p - q)) decide the first token; its distribution must still be p
+    from llmlab.model import ModelConfig, Transformer
+    cfg = ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_seq_len=64)
+    draft = Transformer(cfg).init_weights(seed=11).eval()
+    with torch.no_grad():
+        draft.lm_head.weight.mul_(10)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    p = sampling_probs(tiny_engine.prefill(prompt)[0], SamplingParams(**options))[0]
+    runs = 500  # sees a shift of ~0.08 in a probability near 0.4
+    counts = np.zeros(VOCAB)
+    decoder = SpeculativeDecoder(tiny_engine, ModelDrafter(draft), draft_tokens=3, auto_off=False)
+    for seed in range(runs):  # a budget of 2 leaves room for one draft token: the first new token is drafted
+        counts[decoder.generate(prompt, SamplingParams(max_new_tokens=2, seed=seed, **options)).token_ids[0]] += 1
+    assert decoder.stats.drafted == runs and 0 < decoder.stats.accepted < runs  # both branches ran
+    assert counts[(p == 0).numpy()].sum() == 0  # a filtered-out token is never produced
+    assert chisquare(*chi_square_cells(counts, p, runs)).pvalue > 0.001
+
+
+def test_sampled_longer_text_with_a_draft_model_keeps_budget_and_seed(tiny_engine):
+    from llmlab.model import ModelConfig, Transformer
+    cfg = ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_seq_len=64)
+    decoder = SpeculativeDecoder(tiny_engine, ModelDrafter(Transformer(cfg).init_weights(seed=5).eval()),
+                                 draft_tokens=4, auto_off=False)
+    params = SamplingParams(temperature=0.8, max_new_tokens=30, seed=3)
+    first = decoder.generate([1, 2, 3], params)
+    assert len(first.token_ids) == 30 and first.finish_reason == "length"
+    assert decoder.generate([1, 2, 3], params).token_ids == first.token_ids  # seeded: the same sample again
+
+
+# ---- the server ------------------------------------------------------------------------------------------------
+
+
+def test_server_speculates_n1_requests_and_reports_usage_and_metrics(tiny_ckpt):
+    import httpx
+    import openai
+
+    import llmlab
+    from llmlab.serve.testing import running_server
+    llm = llmlab.load(tiny_ckpt)
+    messages = [{"role": "user", "content": "say the cat the cat the cat the cat"}]
+    plain = llm.engine.generate([llm.prompt_ids(messages)], SamplingParams(temperature=0, max_new_tokens=16))[0]
+    with running_server(llm, model_name="tiny", speculate="lookup") as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        reply = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=16)
+        assert reply.choices[0].message.content == plain.text
+        usage = reply.usage.model_dump()
+        assert usage["completion_tokens"] == plain.completion_tokens
+        spec = usage["speculative"]
+        assert spec["verify_steps"] >= 1 and 0 <= spec["acceptance_rate"] <= 1 and spec["tokens_per_step"] >= 1
+        stream = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=16,
+                                                stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.text
+        assert chunks[-1].usage.model_dump()["speculative"]["verify_steps"] >= 1
+        two = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=8, n=2)
+        assert len(two.choices) == 2 and two.usage.model_dump().get("speculative") is None  # n=2: the batcher's
+        metrics = httpx.get(url + "/metrics").text
+        assert "llmlab_speculative_requests_total 2" in metrics
+        assert "llmlab_speculative_tokens_per_step" in metrics and "llmlab_speculative_acceptance_rate" in metrics
+
+
+def test_server_refuses_an_unknown_draft_kind(tiny_ckpt):
+    import llmlab
+    from llmlab.serve.app import create_app
+    from llmlab.serve.state import ServerOptions
+    with pytest.raises(LLMLabError, match="--speculate"):
+        create_app(llmlab.load(tiny_ckpt), ServerOptions(speculate="draft:"))

@@ -241,3 +241,19 @@ def test_time_budget_cuts_steps_to_fit():
     assert plan_steps(cfg, 1.0, 100.0) == {"max_steps": 10, "sft_steps": 5, "dpo_steps": 2}  # never nothing
     with pytest.raises(LLMLabError, match="unknown speedrun setting"):
         preset_config("tiny", layers=3)
+
+
+def test_the_loop_stage_stores_votes_and_rates_the_new_model(run_dir):
+    """speedrun/loop.py: the arena battles and scripted votes are in the arena's SQLite table, their pairs exported,
+    and the report has the loop's section (the ci model is too weak for its new model to win: see report.md of a
+    tiny or default run)."""
+    from llmlab.serve.feedback import read_votes
+
+    loop = json.loads((run_dir / "summary.json").read_text())["loop"]
+    votes = read_votes(run_dir / "loop" / "round1.sqlite")
+    assert len(votes) == loop["round1_votes"] > 0 and {v["voter"] for v in votes} == {"voter-1", "voter-2", "voter-3"}
+    assert loop["pairs"] == len((run_dir / "loop" / "pairs.jsonl").read_text().splitlines())
+    assert "## The loop: votes → DPO → arena" in (run_dir / "report.md").read_text()
+    if loop["pairs"]:
+        assert {r["model"] for r in loop["leaderboard"]} == {"new", "old"}
+        assert len(read_votes(run_dir / "loop" / "round2.sqlite")) == loop["round2_votes"]

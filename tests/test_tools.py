@@ -10,7 +10,7 @@ import pytest
 
 from llmlab.api import load
 from llmlab.serve.testing import running_server
-from llmlab.serve.tools import ToolCallStream, call_text, parse_tool_calls, render_messages
+from llmlab.engine.tools import ToolCallStream, call_text, parse_tool_calls, render_messages
 
 MODEL = "smollm2"
 ADD = {"type": "function", "function": {

@@ -1,8 +1,10 @@
-"""The function-calling agent loop over the model client, with a step and token budget and a JSONL trace.
+"""The agent loop over the model client: function calling or ReAct, with memory, a step and token budget, a trace.
 
-Each step the model must call a tool (tool_choice "required", decoded under the tools' schemas); the run ends when
-it calls `final_answer`, or with a clear reason when a budget runs out. In-process (LocalClient) the calls are
-decoded with the server's own grammar (serve/tools.py); through an endpoint they go as OpenAI `tools`.
+Each step the model acts once: in the "tools" style it must call a tool (tool_choice "required", so on llmlab's
+server or in-process the call is decoded under the tools' schemas); in the "react" style it writes Thought /
+Action / Action Input as text (react.py), for models and endpoints without tool calling. The run ends when it calls
+`final_answer`, or with a clear reason when a budget runs out. With a Memory, older steps are folded into a
+running summary when the transcript nears its token budget (memory.py).
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmlab.agent.tools import Tool, as_tools, function_tool
+from llmlab.agent.tools import Tool, ToolCall, as_tools, execute, function_tool
+from llmlab.client.base import GenParams
 from llmlab.errors import LLMLabError
 from llmlab.io import atomic_write_text
 
 SYSTEM = ("You are an agent. Solve the task by calling tools, one at a time. When you know the answer, call "
           "final_answer with it.")
+STYLES = ("tools", "react")
 
 
 def final_answer(answer: str) -> str:
@@ -32,7 +36,7 @@ def final_answer(answer: str) -> str:
 @dataclass
 class AgentResult:
     answer: str | None
-    reason: str  # "final_answer" | "step_budget" | "token_budget"
+    reason: str  # "final_answer" | "step_budget" | "token_budget" | "no_tool_call" (an endpoint answered in text)
     steps: int
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -42,32 +46,9 @@ class AgentResult:
     def ok(self) -> bool:
         return self.reason == "final_answer"
 
-
-def call_model(client, messages: list[dict], tools: list[Tool], max_tokens: int) -> tuple[dict, int, int]:
-    """(assistant message with tool_calls, prompt tokens, completion tokens) for one required call."""
-    specs = [t.spec() for t in tools]
-    if hasattr(client, "llm"):  # in-process: the same grammar the server uses
-        return _local_call(client.llm, messages, specs, max_tokens)
-    body = {"model": client.model, "messages": messages, "tools": specs, "tool_choice": "required",
-            "parallel_tool_calls": False, "max_tokens": max_tokens, "temperature": 0}
-    r = client._post("/chat/completions", body)
-    usage = r.get("usage") or {}
-    message = r["choices"][0]["message"]
-    return message, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-
-
-def _local_call(llm, messages, specs, max_tokens):
-    from llmlab.engine.constraint import TokenVocab
-    from llmlab.serve.tools import check_tools, parse_tool_calls, render_messages, tool_constraint_factory, \
-        tool_grammar
-    tools = check_tools(specs)
-    ids = llm.prompt_ids(render_messages(messages, tools))
-    if not hasattr(llm, "_tool_vocab"):
-        llm._tool_vocab = TokenVocab(llm.tokenizer)  # built once per model (about a second)
-    factory = tool_constraint_factory(llm._tool_vocab, tool_grammar("required", tools, parallel=False), max_tokens)
-    done = llm.engine.generate([ids], llm.params(max_new_tokens=max_tokens, temperature=0), constraint_factory=factory)
-    content, calls = parse_tool_calls(done[0].text)
-    return {"role": "assistant", "content": content, "tool_calls": calls}, len(ids), done[0].completion_tokens
+    def spend(self, prompt_tokens: int, completion_tokens: int):
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
 
 
 class Trace:
@@ -82,54 +63,109 @@ class Trace:
             atomic_write_text(self.path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self.events))
 
 
+class ToolCalling:
+    """The function-calling style: the client's chat_tools with tool_choice "required"."""
+    name = "tools"
+
+    def system(self, tools: list[Tool], system: str | None) -> str:
+        return system or SYSTEM
+
+    def act(self, client, messages, tools: list[Tool], max_tokens: int):
+        g = client.chat_tools(messages, [t.spec() for t in tools], GenParams(max_tokens=max_tokens, temperature=0),
+                              tool_choice="required", parallel_tool_calls=False)
+        calls = g.tool_calls or []
+        message = {"role": "assistant", "content": g.text or None, "tool_calls": calls}
+        actions = [ToolCall(c["function"]["name"], c["function"].get("arguments") or "{}", c.get("id", ""))
+                   for c in calls]
+        return message, actions, g
+
+    def results(self, actions: list[ToolCall], observations: list[str]) -> list[dict]:
+        return [{"role": "tool", "tool_call_id": a.call_id, "content": o} for a, o in zip(actions, observations)]
+
+
+def make_style(style: str):
+    if style == "tools":
+        return ToolCalling()
+    if style == "react":
+        from llmlab.agent.react import ReAct
+        return ReAct()
+    raise LLMLabError(f"unknown agent style {style!r} (choose from {', '.join(STYLES)})")
+
+
 def run_agent(client, task: str, tools: list, max_steps: int = 6, max_tokens: int = 4000, step_tokens: int = 128,
-              trace_path: str | Path | None = None, system: str = SYSTEM) -> AgentResult:
-    """Run the function-calling loop on `task` with `tools` (Tools or typed functions). max_tokens bounds the
-    completion tokens of the whole run, step_tokens one call."""
-    if max_steps < 1 or max_tokens < 1:
-        raise LLMLabError("max_steps and max_tokens must be at least 1")
+              trace_path: str | Path | None = None, system: str | None = None, style: str = "tools",
+              memory=None, trace: Trace | None = None) -> AgentResult:
+    """Run the agent on `task` with `tools` (Tools or typed functions). max_tokens bounds the completion tokens of
+    the whole run (summaries included), step_tokens one call. memory: a Memory (running summary + recall)."""
+    if max_steps < 1 or max_tokens < 1 or step_tokens < 1:
+        raise LLMLabError("max_steps, max_tokens and step_tokens must be at least 1")
+    actor = make_style(style)
     tools = as_tools(tools)
     if not any(t.name == "final_answer" for t in tools):
         tools = tools + [function_tool(final_answer)]
     by_name = {t.name: t for t in tools}
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": task}]
-    trace = Trace(trace_path)
+    if len(by_name) < len(tools):
+        twice = next(t.name for t in tools if sum(u.name == t.name for u in tools) > 1)
+        raise LLMLabError(f"two tools are named {twice!r}")
+    head = [{"role": "system", "content": actor.system(tools, system)}, {"role": "user", "content": task}]
+    steps: list[list[dict]] = []  # each step's messages: the model's, then what its calls returned
+    trace = trace or Trace(trace_path)
     trace.add("start", task=task, tools=[t.name for t in tools], max_steps=max_steps, max_tokens=max_tokens,
-              model=getattr(client, "name", "?"))
+              style=actor.name, model=getattr(client, "name", "?"))
     result = AgentResult(None, "step_budget", 0, trace=trace.events)
     while result.steps < max_steps:
         left = max_tokens - result.completion_tokens
         if left < 1:
             result.reason = "token_budget"
             break
+        messages = head + [m for step in steps for m in step]
+        if memory is not None:  # may fold older steps into its summary, which costs tokens too
+            messages = memory.prompt(client, head, steps, result, trace, left)
+            left = max_tokens - result.completion_tokens
+            if left < 1:
+                result.reason = "token_budget"
+                break
         try:
-            message, p, c = call_model(client, messages, tools, min(step_tokens, left))
+            message, actions, g = actor.act(client, messages, tools, min(step_tokens, left))
         except LLMLabError as e:
             if "shortest" not in str(e):
                 raise
             result.reason = "token_budget"  # what is left cannot hold even the shortest call
             break
         result.steps += 1
-        result.prompt_tokens, result.completion_tokens = result.prompt_tokens + p, result.completion_tokens + c
-        messages.append({"role": "assistant", "content": message.get("content"),
-                         "tool_calls": message.get("tool_calls") or []})
-        trace.add("model", step=result.steps, message=message, prompt_tokens=p, completion_tokens=c)
-        for call in message.get("tool_calls") or []:
-            name, args = call["function"]["name"], json.loads(call["function"]["arguments"] or "{}")
-            observation = by_name[name](args)
-            trace.add("tool", step=result.steps, name=name, arguments=args, observation=observation)
-            if name == "final_answer":
+        result.spend(g.prompt_tokens, g.completion_tokens)
+        trace.add("model", step=result.steps, message=message, prompt_tokens=g.prompt_tokens,
+                  completion_tokens=g.completion_tokens)
+        if not actions and actor.name == "react":
+            trace.add("unreadable", step=result.steps, text=g.text)
+        observations = []
+        for action in actions:
+            observation = execute(by_name, action)
+            trace.add("tool", step=result.steps, name=action.name, arguments=_readable(action.arguments),
+                      observation=observation)
+            if action.name == "final_answer" and not observation.startswith("Error:"):
                 result.answer, result.reason = observation, "final_answer"
                 break
-            messages.append({"role": "tool", "tool_call_id": call["id"], "content": observation})
+            observations.append(observation)
+        steps.append([message] + actor.results(actions, observations))
         if result.reason == "final_answer":
             break
-        if not message.get("tool_calls"):  # cut short by the token budget: no whole call
-            result.reason = "token_budget"
+        if not actions and actor.name == "tools":  # cut short by the token budget, or an endpoint that ignored
+            result.reason = "token_budget" if g.finish_reason == "length" else "no_tool_call"  # "required"
             break
     trace.add("end", reason=result.reason, answer=result.answer, steps=result.steps,
               prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
     return result
+
+
+def _readable(arguments):
+    """Arguments as an object in the trace when they are JSON text."""
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            pass
+    return arguments
 
 
 def read_trace(path: str | Path) -> list[dict]:
@@ -148,12 +184,18 @@ def format_trace(events: list[dict]) -> str:
     for e in events:
         if e["type"] == "start":
             lines.append(f"task: {e['task']}\ntools: {', '.join(e['tools'])}  (budget: {e['max_steps']} steps, "
-                         f"{e['max_tokens']} tokens; model {e.get('model')})")
+                         f"{e['max_tokens']} tokens; style {e.get('style', 'tools')}; model {e.get('model')})")
+        elif e["type"] == "plan":
+            lines.append(f"plan{' (revised)' if e.get('revision') else ''}:\n" +
+                         "\n".join(f"  {i}. {s}" for i, s in enumerate(e["steps"], 1)))
+        elif e["type"] == "summary":
+            lines.append(f"memory: steps 1-{e['folded']} summarised: {e['summary']}")
         elif e["type"] == "model" and e["message"].get("content"):
             lines.append(f"[{e['step']}] thought: {e['message']['content']}")
         elif e["type"] == "tool":
-            lines.append(f"[{e['step']}] {e['name']}({json.dumps(e['arguments'], ensure_ascii=False)}) -> "
-                         f"{e['observation'][:500]}")
+            args = e["arguments"] if isinstance(e["arguments"], str) else json.dumps(e["arguments"],
+                                                                                     ensure_ascii=False)
+            lines.append(f"[{e['step']}] {e['name']}({args}) -> {e['observation'][:500]}")
         elif e["type"] == "end":
             lines.append(f"end: {e['reason']} after {e['steps']} steps, {e['completion_tokens']} tokens generated"
                          + (f"; answer: {e['answer']}" if e.get("answer") is not None else ""))

@@ -44,6 +44,30 @@ class Tool:
         return out if isinstance(out, str) else json.dumps(out, ensure_ascii=False, default=str)
 
 
+@dataclass
+class ToolCall:
+    """One call the model asked for: arguments parsed from JSON, or the raw text when they did not parse."""
+    name: str
+    arguments: dict | str
+    call_id: str = ""
+
+
+def execute(by_name: dict[str, Tool], call: ToolCall) -> str:
+    """Run one call; a call the tools cannot take (an unknown name, arguments that are not a JSON object) becomes
+    an error observation the model reads, as a tool's own failure does."""
+    if call.name not in by_name:
+        return f"Error: there is no tool {call.name!r} (tools: {', '.join(by_name)})"
+    args = call.arguments
+    if isinstance(args, str):
+        try:
+            args = json.loads(args or "{}")
+        except ValueError:
+            return f"Error: the arguments of {call.name} are not valid JSON: {args[:200]!r}"
+    if not isinstance(args, dict):
+        return f"Error: the arguments of {call.name} must be a JSON object, not {json.dumps(args)[:200]}"
+    return by_name[call.name](args)
+
+
 def type_schema(hint) -> dict:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint in TYPES:
@@ -101,6 +125,10 @@ OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mu
              ast.UAdd: operator.pos}
 FUNCTIONS = {"sqrt": math.sqrt, "log": math.log, "exp": math.exp, "sin": math.sin, "cos": math.cos, "abs": abs,
              "round": round, "min": min, "max": max, "pi": math.pi, "e": math.e}
+
+
+EXPRESSION_TERM = r"(?:[a-z]+\()*\(*(?:-?[0-9]+(?:\.[0-9]+)?|pi|e)\)*"  # 2, (2, sqrt(2, 2.5)), pi
+EXPRESSION_OP = r" ?(?:\*\*|//|[-+*/%,]) ?"
 
 
 def calculate(expression: str) -> str:
@@ -178,14 +206,43 @@ def workspace_tools(workspace: str | Path) -> list[Tool]:
     return [function_tool(read_file), function_tool(write_file)]
 
 
-def builtin_tools(workspace: str | Path | None = None, names: list[str] | None = None) -> list[Tool]:
+def search_tool(index: str | Path, k: int = 3, method: str = "bm25", max_chars: int = 600) -> Tool:
+    """`search` over a RAG index built by `llmlab rag index` (loaded now: a missing index is refused at once).
+    BM25 by default: an agent's queries are names and keywords, and BM25 needs no embedding model."""
+    from llmlab.rag.index import METHODS, RagIndex
+    if method not in METHODS:
+        raise LLMLabError(f"unknown search method {method!r} (choose from {', '.join(METHODS)})")
+    rag = RagIndex.load(index)
+
+    def search(query: str) -> str:
+        """Search the documents and return the best matching passages, each with its id.
+
+        Args:
+            query: names or keywords to look for
+        """
+        hits = rag.search(query, k=k, method=method)
+        if not hits:
+            return "no passage matches the query"
+        return "\n".join(f"[{h.chunk.chunk_id}] {h.chunk.text[:max_chars]}" for h in hits)
+    return function_tool(search)
+
+
+def builtin_tools(workspace: str | Path | None = None, names: list[str] | None = None,
+                  index: str | Path | None = None) -> list[Tool]:
+    """calculate and run_python; read_file and write_file with a workspace; search with a RAG index."""
     calc = function_tool(calculate)
-    # the expression's characters are constrained too: a small model then writes arithmetic, not prose
-    calc.parameters["properties"]["expression"].update(pattern=r"^[0-9+\-*/%(). a-z,]{1,80}$")
+    # the expression is constrained to numbers (or functions of them) joined by operators: a small model then writes
+    # arithmetic, not prose, and cannot run on with "37 * 43 43 43 ..." (what 4-bit SmolLM2 did under a looser pattern)
+    arithmetic = rf"^{EXPRESSION_TERM}(?:{EXPRESSION_OP}{EXPRESSION_TERM})*$"
+    calc.parameters["properties"]["expression"].update(pattern=arithmetic, maxLength=80)
     tools = [calc, python_tool()] + (workspace_tools(workspace) if workspace else [])
+    tools += [search_tool(index)] if index else []
     if names:
         known = {t.name: t for t in tools}
         unknown = [n for n in names if n not in known]
+        needs = {"read_file": "a workspace", "write_file": "a workspace", "search": "an index"}
+        if unknown and unknown[0] in needs:
+            raise LLMLabError(f"the tool {unknown[0]!r} needs {needs[unknown[0]]} (--workspace DIR / --index IDX)")
         if unknown:
             raise LLMLabError(f"unknown tool {unknown[0]!r} (known: {', '.join(known)})")
         tools = [known[n] for n in names]

@@ -21,7 +21,8 @@ def _load(args):
     import torch
 
     from llmlab.api import load
-    return load(args.model, dtype=torch.float32)
+    # dense weights (attribution and probes need gradients and hooks), always: nothing to announce
+    return load(args.model, dtype=torch.float32, exact=True, announce=False)
 
 
 def _lines(path: str) -> list[dict]:

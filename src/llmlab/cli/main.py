@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from llmlab.client import add_client_args
+from llmlab.client import add_client_args, add_context_args
 from llmlab.errors import LLMLabError
 
 
@@ -25,6 +25,9 @@ def add_model_args(p):
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, fast decode)")
     p.add_argument("--int4", action="store_true", help="decode with 4-bit weight copies (CPU; exact for Q4_1 GGUF)")
+    p.add_argument("--exact", action="store_true", help="fp32 eager decoding (parity work; default: the fastest "
+                   "path that keeps quality, e.g. the native kernel on a 4-bit GGUF's own weights)")
+    add_context_args(p)
 
 
 def add_sampling_args(p):
@@ -62,7 +65,9 @@ def load_llm(args):
     from llmlab.api import load
     if getattr(args, "endpoint", None):
         raise LLMLabError(f"llmlab {args.command} with these options needs an in-process model, not --endpoint")
-    return load(args.model or "smollm2", dtype=args.dtype, compile=args.compile, int4=args.int4)
+    return load(args.model or "smollm2", dtype=args.dtype, compile=args.compile, int4=args.int4,
+                exact=getattr(args, "exact", False), rope_scaling=getattr(args, "rope_scaling", None),
+                self_extend=getattr(args, "self_extend", None))
 
 
 def write_stream(pieces) -> str:
@@ -76,8 +81,10 @@ def write_stream(pieces) -> str:
 
 
 def cmd_generate(args) -> int:
+    from llmlab.cli.marks import install_watermark, watermark_config
     from llmlab.client import client_from_args
     params = gen_params(args)
+    watermark = watermark_config(args)  # refused with --endpoint, --beam or --speculate, before the model loads
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     if args.speculate and (args.beam != 1 or args.endpoint):
         raise LLMLabError("--speculate runs in-process greedy/sampled decoding: it cannot be combined with "
@@ -93,19 +100,23 @@ def cmd_generate(args) -> int:
     if args.speculate:
         return speculative_generate(args, prompt)
     client = client_from_args(args)
+    install_watermark(client, watermark)
     write_stream(client.stream(prompt, params, chat=not args.raw))
     return 0
 
 
 def speculative_generate(args, prompt: str) -> int:
-    """generate --speculate lookup: prompt-lookup drafts verified by the model (same output as without)."""
+    """generate --speculate lookup|self|draft:PATH: drafts verified by the model (the same greedy output)."""
+    from llmlab.engine.draft import check_speculate
     from llmlab.engine.speculative import SpeculativeDecoder
+    check_speculate(args.speculate)
     llm = load_llm(args)
-    decoder = SpeculativeDecoder(llm.engine)
+    decoder = SpeculativeDecoder(llm.engine, args.speculate)
     write_stream(decoder.stream(llm.prompt_ids(prompt, raw=args.raw), llm.params(**sampling_options(args))))
     stats = decoder.stats
-    print(f"speculative: {stats.acceptance_rate:.0%} of {stats.drafted} drafted tokens accepted, "
-          f"{stats.tokens_per_step:.2f} tokens per model call", file=sys.stderr)
+    print(f"speculative ({args.speculate}): {stats.acceptance_rate:.0%} of {stats.drafted} drafted tokens accepted, "
+          f"{stats.tokens_per_step:.2f} tokens per model call"
+          + ("; drafting turned off (slower than plain decoding here)" if stats.turned_off else ""), file=sys.stderr)
     return 0
 
 
@@ -113,9 +124,12 @@ CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT (set the s
 
 
 def cmd_chat(args) -> int:
+    from llmlab.cli.marks import install_watermark, watermark_config
     from llmlab.client import client_from_args
     params = gen_params(args)
+    watermark = watermark_config(args)
     client = client_from_args(args)
+    install_watermark(client, watermark)
     llm = getattr(client, "llm", None)
     if llm is not None and not llm.tokenizer.chat_template:
         raise LLMLabError(f"{llm.path} has no chat template; use `llmlab generate --raw` instead")
@@ -203,14 +217,17 @@ def cmd_info(args) -> int:
 
 
 def add_commands(sub):
+    from llmlab.cli.marks import add_watermark_args
     p = sub.add_parser("generate", help="complete one prompt, streamed to stdout")
     p.add_argument("prompt", help="the prompt ('-' reads stdin); wrapped in the chat template unless --raw")
     p.add_argument("--raw", action="store_true", help="send the text as is, without the chat template")
     p.add_argument("--beam", type=int, default=1, help="beam search with this many beams")
-    p.add_argument("--speculate", choices=["lookup"], default=None,
-                   help="speculative decoding with prompt-lookup drafts (n-grams of the context); same output")
+    p.add_argument("--speculate", default=None, metavar="KIND",
+                   help="speculative decoding, the same greedy output: lookup (n-grams of the context), self (the "
+                        "model's 4-bit copy drafts) or draft:PATH (a small model with the same tokenizer)")
     add_client_args(p)
     add_sampling_args(p)
+    add_watermark_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="talk to a model (reads a conversation from stdin when piped)",
@@ -218,6 +235,7 @@ def add_commands(sub):
     p.add_argument("--system", default=None, help="system prompt")
     add_client_args(p)
     add_sampling_args(p)
+    add_watermark_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help="architecture, parameter count, memory and context length of a model")
@@ -243,7 +261,9 @@ def build_parser() -> Parser:
     from llmlab.cli import inspect as inspect_commands
     from llmlab.cli import arena as arena_commands
     from llmlab.cli import safety as safety_commands
+    from llmlab.cli import marks as marks_commands
     from llmlab.cli import agent as agent_commands
+    from llmlab.cli import distill as distill_commands
 
     parser = Parser(prog="llmlab", description="A hackable toolkit for the whole life of a language model.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -261,7 +281,9 @@ def build_parser() -> Parser:
     inspect_commands.add_commands(sub)
     arena_commands.add_commands(sub)
     safety_commands.add_commands(sub)
+    marks_commands.add_commands(sub)
     agent_commands.add_commands(sub)
+    distill_commands.add_commands(sub)
     return parser
 
 

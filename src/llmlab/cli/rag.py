@@ -60,6 +60,8 @@ def _eval(args) -> int:
     from llmlab.rag.index import RagIndex
     from llmlab.rag.metrics import evaluate, format_table, read_questions
 
+    if args.n_answers is not None and args.n_answers < 1:
+        raise LLMLabError(f"--n-answers must be at least 1, got {args.n_answers}")
     index = RagIndex.load(args.index)
     questions = read_questions(args.questions)
     try:
@@ -67,7 +69,21 @@ def _eval(args) -> int:
     except ValueError:
         raise LLMLabError(f"-k must be comma-separated whole numbers, got {args.k!r}") from None
     results = evaluate(index, questions, methods=args.methods.split(","), ks=ks)
-    print(json.dumps(results, indent=1) if args.json else format_table(results))
+    if not args.answers:
+        print(json.dumps(results, indent=1) if args.json else format_table(results))
+        return 0
+    from llmlab.client import client_from_args
+    from llmlab.rag.faithfulness import evaluate_answers, format_answers
+
+    judge = client_from_args(args, "judge") if args.judge_model or args.judge_endpoint else None
+    answers = evaluate_answers(index, client_from_args(args), questions[:args.n_answers], k=args.answer_k,
+                               method=args.answer_method, max_tokens=args.max_tokens, judge=judge)
+    if args.json:
+        print(json.dumps({"retrieval": results, "answers": answers}, indent=1))
+    else:
+        print(format_table(results))
+        print()
+        print(format_answers(answers))
     return 0
 
 
@@ -131,6 +147,15 @@ def add_commands(subparsers) -> None:
     p.add_argument("--methods", default="bm25,dense,hybrid")
     p.add_argument("-k", default="1,5,10", help="cut-offs for recall, comma-separated")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--answers", action="store_true",
+                   help="also answer the questions with gold answers (\"answers\": [...]) through the model and report "
+                        "correctness, faithfulness to the passages (judged by the model) and the judge's reliability")
+    p.add_argument("--n-answers", type=int, default=None, metavar="N", help="answer only the first N questions")
+    p.add_argument("--answer-k", type=int, default=4, help="passages shown to the model per answer")
+    p.add_argument("--answer-method", choices=METHODS, default="hybrid", help="retrieval for the answers")
+    p.add_argument("--max-tokens", type=int, default=64, help="most tokens per answer")
+    add_client_args(p)
+    add_client_args(p, prefix="judge")  # the faithfulness judge (default: the answering model)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("evalset", help="write a retrieval eval set from the bios world (no download)")

@@ -37,8 +37,9 @@ def strategy_options(args) -> dict:
     if budget is not None and budget < per_sample:
         raise LLMLabError(f"a budget of {budget} generated tokens is too small for one sample of up to "
                           f"{per_sample} tokens (raise --budget or lower --max-tokens)")
-    if args.scorer and args.scorer.startswith("reward:") and not Path(args.scorer[7:]).is_dir():
-        raise LLMLabError(f"no reward model directory at {args.scorer[7:]}")
+    for prefix, what in (("reward:", "reward model"), ("prm:", "process reward model")):
+        if args.scorer and args.scorer.startswith(prefix) and not Path(args.scorer[len(prefix):]).is_dir():
+            raise LLMLabError(f"no {what} directory at {args.scorer[len(prefix):]}")
     return options
 
 
@@ -120,7 +121,8 @@ def add_commands(sub):
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (strategy default)")
     p.add_argument("--shots", type=int, default=None, help="worked examples before the question (few-shot CoT)")
     p.add_argument("--weighted", action="store_true", help="self-consistency: vote weighted by sample probability")
-    p.add_argument("--scorer", default=None, help="best-of-n, tree: verifier | likelihood | value | reward:DIR")
+    p.add_argument("--scorer", default=None,
+                   help="best-of-n, tree: verifier | likelihood | value | reward:DIR | prm:DIR")
     p.add_argument("--budget", type=int, default=None, help="most generated tokens per question")
     p.add_argument("--beam", type=int, default=None, help="tree: partial solutions kept per step")
     p.add_argument("--max-steps", type=int, default=None, help="tree: most reasoning steps (lines)")

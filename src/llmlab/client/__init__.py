@@ -11,14 +11,14 @@ from llmlab.client.local import LocalClient
 from llmlab.errors import LLMLabError
 
 __all__ = ["EndpointClient", "GenParams", "Generation", "LocalClient", "LogLik", "ModelClient", "add_client_args",
-           "as_client", "client_from_args", "connect"]
+           "add_context_args", "as_client", "client_from_args", "connect"]
 
 
 def connect(model: str | None = None, endpoint: str | None = None, api_key: str | None = None,
             endpoint_model: str = "default", logprobs: bool = True, **load_options) -> ModelClient:
     """A client for an llmlab model (registry name, checkpoint directory, .gguf) or an endpoint URL.
 
-    load_options (dtype, int4, compile) go to llmlab.load and only make sense in-process: given with an
+    load_options (dtype, int4, compile, exact, rope_scaling, self_extend) go to llmlab.load and only make sense in-process: given with an
     endpoint they are refused rather than ignored."""
     if model and endpoint:
         raise LLMLabError("give a model or an endpoint, not both")
@@ -62,10 +62,22 @@ def add_client_args(p, prefix: str = "", in_process: bool = True):
         p.add_argument("--dtype", default=None, help="in-process: float32 | bfloat16")
         p.add_argument("--compile", action="store_true", help="in-process: torch.compile the decode step")
         p.add_argument("--int4", action="store_true", help="in-process: decode with 4-bit weight copies")
+        p.add_argument("--exact", action="store_true", help="in-process: fp32 eager decoding (parity work)")
+        add_context_args(p)
+
+
+def add_context_args(p):
+    """--rope-scaling and --self-extend: an in-process model's context stretched past its checkpoint's."""
+    p.add_argument("--rope-scaling", default=None, metavar="KIND:FACTOR",
+                   help="in-process: stretch the context by RoPE scaling, KIND linear|ntk|yarn (e.g. yarn:4)")
+    p.add_argument("--self-extend", default=None, metavar="GROUP,WINDOW",
+                   help="in-process: Self-Extend grouped attention past the trained context (e.g. 4,1024)")
 
 
 def client_from_args(args, prefix: str = "", logprobs: bool = True) -> ModelClient:
     g = (lambda k: getattr(args, f"{prefix}_{k}", None)) if prefix else (lambda k: getattr(args, k, None))
     return connect(model=g("model"), endpoint=g("endpoint"), api_key=g("api_key"),
                    endpoint_model=g("endpoint_model") or "default", logprobs=logprobs,
-                   **({} if prefix else {"dtype": g("dtype"), "compile": g("compile"), "int4": g("int4")}))
+                   **({} if prefix else {"dtype": g("dtype"), "compile": g("compile"), "int4": g("int4"),
+                                      "exact": g("exact"), "rope_scaling": g("rope_scaling"),
+                                      "self_extend": g("self_extend")}))

@@ -48,6 +48,7 @@ class Generation:
     tokens: list[str] | None = None  # the generated tokens' texts (when logprobs or top_logprobs were asked)
     logprobs: list[float] | None = None  # per generated token
     top_logprobs: list[dict[str, float]] | None = None  # per generated token: {token text: logprob}
+    tool_calls: list[dict] | None = None  # chat_tools: OpenAI tool calls ({id, type, function: {name, arguments}})
 
 
 @dataclass
@@ -82,6 +83,12 @@ class ModelClient(Protocol):
 
     def chat_text(self, prompt) -> str | None:
         """The raw text a chat prompt renders to (template and generation prompt included), or None if unknown."""
+
+    def chat_tools(self, messages: list[dict], tools: list[dict], params: GenParams, tool_choice="auto",
+                   parallel_tool_calls: bool = True) -> Generation:
+        """One answer to OpenAI-style messages (tool_calls and tool results included) with OpenAI tool definitions
+        and tool_choice ("none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}): text
+        holds the content ("" when there is none), tool_calls the calls (finish_reason "tool_calls")."""
 
 
 def chat_messages(prompt) -> list[dict]:

@@ -151,6 +151,21 @@ class EndpointClient:
         except httpx.HTTPError as e:
             raise LLMLabError(f"endpoint {url} failed: {type(e).__name__}: {e}") from None
 
+    def chat_tools(self, messages: list[dict], tools: list[dict], params: GenParams, tool_choice="auto",
+                   parallel_tool_calls: bool = True) -> Generation:
+        """One answer through the endpoint's OpenAI tool calling (`tools`, `tool_choice`, `parallel_tool_calls`)."""
+        if params.n != 1:
+            raise LLMLabError("chat_tools gives one answer: n must be 1")
+        body = {**self._body(messages, params, True), "tools": tools, "tool_choice": tool_choice,
+                "parallel_tool_calls": parallel_tool_calls}
+        r = self._post("/chat/completions", body)
+        usage, choice = r.get("usage") or {}, r["choices"][0]
+        g = _generation(choice, True, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+        g.tool_calls = [{"id": c.get("id") or f"call_{i}", "type": "function",
+                         "function": {"name": c["function"]["name"], "arguments": c["function"].get("arguments") or ""}}
+                        for i, c in enumerate(choice["message"].get("tool_calls") or [])]
+        return g
+
     # ---- text facts ------------------------------------------------------------------------------------------
 
     def count_tokens(self, text: str) -> int:
@@ -170,6 +185,22 @@ class EndpointClient:
                                          pad_token=info.get("pad_token") or "")
         except Exception as e:  # noqa: BLE001 - a template's own errors (raise_exception, bad fields)
             raise LLMLabError(f"the chat template of {self.base_url} failed: {e}") from None
+
+    # ---- embeddings ------------------------------------------------------------------------------------------
+
+    def embed(self, texts: list[str], model: str | None = None, batch: int = 256):
+        """Embeddings of texts from /v1/embeddings, as a float32 array (one row per text). model: the endpoint's
+        embedding model (default: the client's model name), e.g. "all-MiniLM-L6-v2" for llmlab serve."""
+        import numpy as np
+        if not texts:
+            raise LLMLabError("nothing to embed")
+
+        def one(start):
+            body = {"model": model or self.model, "input": texts[start:start + batch], "encoding_format": "float"}
+            data = sorted(self._post("/embeddings", body)["data"], key=lambda d: d["index"])
+            return [d["embedding"] for d in data]
+        rows = [row for part in self._map(one, list(range(0, len(texts), batch))) for row in part]
+        return np.asarray(rows, dtype=np.float32)
 
     # ---- scoring ---------------------------------------------------------------------------------------------
 

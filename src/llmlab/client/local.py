@@ -24,6 +24,7 @@ class LocalClient:
         tok = llm.tokenizer
         # a context-free continuation (perplexity) is scored after a document separator, as lm-eval does
         self.prefix_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        self._tool_vocab = None  # chat_tools' token vocabulary for the grammar, built on first use
 
     @property
     def model_id(self) -> str:
@@ -68,6 +69,35 @@ class LocalClient:
             raise LLMLabError("streaming gives one generation: n must be 1")
         ids = self._prompt_ids(prompt, chat)
         return self.llm.engine.stream(ids, self._sampling(params))
+
+    def chat_tools(self, messages: list[dict], tools: list[dict], params: GenParams, tool_choice="auto",
+                   parallel_tool_calls: bool = True) -> Generation:
+        """One answer that may call tools, decoded as llmlab serve decodes it: the same prompt format and the same
+        grammar (engine/tools.py), so a call's name is one of the tools and its arguments validate."""
+        from llmlab.engine.constraint import TokenVocab
+        from llmlab.engine.tools import (check_tools, choose_tools, parse_tool_calls, render_messages,
+                                         tool_constraint_factory, tool_grammar)
+        if params.n != 1:
+            raise LLMLabError("chat_tools gives one answer: n must be 1")
+        mode, callable_tools = choose_tools(check_tools(tools), tool_choice)
+        ids = self.llm.prompt_ids(render_messages(messages, callable_tools))
+        grammar = tool_grammar(mode, callable_tools, parallel_tool_calls)
+        factory = None
+        if grammar is not None:
+            if self._tool_vocab is None:
+                self._tool_vocab = TokenVocab(self.llm.tokenizer)  # built once (about a second)
+            # the engine caps the completion to the room the prompt leaves: the closer must plan for that budget
+            budget = min(params.max_tokens, self.context_len - len(ids))
+            factory = tool_constraint_factory(self._tool_vocab, grammar, max(budget, 1))
+        done = self.llm.engine.generate([ids], self._sampling(params), constraint_factory=factory)[0]
+        g = self._generation(done)
+        g.tool_calls = []
+        if grammar is not None:
+            content, calls = parse_tool_calls(done.text)
+            g.text, g.tool_calls = content or "", calls
+            if calls and g.finish_reason == "stop":
+                g.finish_reason = "tool_calls"
+        return g
 
     def _generation(self, c) -> Generation:
         g = Generation(c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens)

@@ -290,6 +290,7 @@ def cache_view(cache, rows: int, length: int):
     view.max_len = length
     view.k = [t[:rows, :, :length] for t in cache.k]
     view.v = [t[:rows, :, :length] for t in cache.v]
+    view.k_far = [t[:rows, :, :length] for t in cache.k_far]
     return view
 
 

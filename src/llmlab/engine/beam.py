@@ -23,7 +23,8 @@ def check_beam(beam_width: int, params: SamplingParams) -> SamplingParams:
     params.validate()
     refused = [name for name, off in (("temperature", params.temperature == 0), ("top_k", params.top_k == 0),
                                       ("top_p", params.top_p == 1.0), ("min_p", params.min_p == 0.0),
-                                      ("seed", params.seed is None), ("top_logprobs", params.top_logprobs == 0))
+                                      ("seed", params.seed is None), ("top_logprobs", params.top_logprobs == 0),
+                                      ("logits_processors", not params.logits_processors))
                if not off]
     if refused:
         raise LLMLabError(f"beam search is deterministic and cannot honour {', '.join(refused)}: leave them unset "

@@ -24,12 +24,14 @@ COMPILED_MIN_CACHE = 512  # compiled: cache lengths are powers of two from this,
 
 
 class Engine:
-    def __init__(self, model, tokenizer, compile: bool = False):
+    def __init__(self, model, tokenizer, compile: bool = False, native_step: Callable | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.context_len = model.config.max_seq_len
-        self.device = model.model.embed_tokens.weight.device
+        self.device = model.model.norm.weight.device  # (the embedding may be packed: llmlab.engine.native)
         self.compiled_step = compile_decode_step(model) if compile else None
+        # a whole decode step outside PyTorch (llmlab.engine.native.NativeDecoder), same arguments and cache
+        self.native_step = native_step
 
     # ---- the only two places the model runs while generating ---------------------------------------------
 
@@ -45,6 +47,8 @@ class Engine:
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache) -> torch.Tensor:
         """Feed one token per row (B, 1) at its position (B, 1); return the next-token logits (B, V)."""
+        if self.native_step is not None:
+            return self.native_step(tokens, input_pos, cache)
         if self.compiled_step is not None:
             return self.compiled_step(tokens, input_pos, cache)
         return self.model(tokens, input_pos=input_pos, kv_cache=cache)[:, -1].float()

@@ -54,6 +54,7 @@ class Sequence:
     tokens: list[TokenInfo] = field(default_factory=list)
     unsent: list[TokenInfo] = field(default_factory=list)  # tokens not yet handed out (the batcher's sink)
     finish_reason: str | None = None
+    prompt: list[int] = field(default_factory=list)  # the context logits processors see before the tokens
 
     @property
     def token_ids(self) -> list[int]:
@@ -104,7 +105,8 @@ def new_sequence(tokenizer, params: SamplingParams, prompt: list[int], limit: in
     stop = [params.stop] if isinstance(params.stop, str) else list(params.stop)
     seq = Sequence(params=params, text=IncrementalText(tokenizer, stop), generator=row_generator(params.seed, index, device),
                    stop_ids=stop_ids_of(params, tokenizer), prompt_len=len(prompt), limit=limit, index=index,
-                   constraint=constraint_factory() if constraint_factory is not None else None, pos=len(prompt))
+                   constraint=constraint_factory() if constraint_factory is not None else None, pos=len(prompt),
+                   prompt=prompt)
     if params.repetition_penalty != 1.0:
         seq.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
         seq.seen[0, torch.tensor(prompt, device=device)] = True
@@ -112,7 +114,9 @@ def new_sequence(tokenizer, params: SamplingParams, prompt: list[int], limit: in
 
 
 def choose(seq: Sequence, logits: torch.Tensor) -> int:
-    """The row's next token from its logits (1, V): its constraint's mask, then the one sampler."""
+    """The row's next token from its logits (1, V): its logits processors, its constraint's mask, the one sampler."""
+    for processor in seq.params.logits_processors:
+        logits = processor(seq.prompt + seq.token_ids, logits)
     constraint = seq.constraint
     if constraint is None:
         return int(sample_next(logits, seq.params, seq.generator, seq.seen)[0])

@@ -1,44 +1,56 @@
-"""Speculative decoding with prompt-lookup drafts: guess the next k tokens from an earlier n-gram of the context,
-check them all in one forward of k + 1 tokens, keep the longest prefix the model agrees with.
+"""Speculative decoding: a drafter (llmlab.engine.draft: prompt lookup, a draft model, the model's own 4-bit copy)
+guesses the next k tokens, the target model checks them all in one forward of k + 1 tokens, and the longest
+prefix it agrees with is kept, plus one token of its own.
 
-Greedy output is the plain engine's (each kept token is the model's own argmax); with sampling, rejection
-sampling keeps the target distribution (Leviathan et al. 2023, Chen et al. 2023): the draft is a point mass
-q(x) = 1, so a drafted token x is kept with probability p(x), and on rejection the token is drawn from p with
-x removed and renormalised. Stop tokens, stop strings and max_new_tokens end a sequence exactly as in
-Engine.generate, because every decided token goes through the same Sequence.add.
+Greedy output is the plain engine's (each kept token is the target's own argmax). With sampling, rejection
+sampling keeps the target distribution p (Leviathan et al. 2023, Chen et al. 2023): a token x drawn from the
+draft's q is kept with probability min(1, p(x)/q(x)); on rejection the token is drawn from norm(max(0, p - q)).
+A lookup draft is a point mass (q(x) = 1): x is kept with probability p(x), else drawn from p without x.
+Stop tokens, stop strings and max_new_tokens end a sequence exactly as in Engine.generate, because every decided
+token goes through the same Sequence.add.
 
 The state between verify steps: the cache holds every token before `pending`, the last decided token, which
 is fed (with the drafts behind it) at position `pos`. Slots written for rejected drafts are simply written over
 later: a query at position t attends only to slots <= t, which this step has just written.
+
+Drafting turns itself off for the rest of a request when it does not pay: when too few drafts are kept, or when
+the measured time per token of its speculative steps is above that of plain decode steps.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from llmlab.engine.sampling import (SamplingParams, apply_repetition_penalty, min_p_filter, top_k_filter,
-                                    top_p_filter)
+from llmlab.engine.draft import LookupDrafter, lookup_draft, make_drafter  # noqa: F401 (re-exported)
+from llmlab.engine.sampling import SamplingParams, sampling_probs
 from llmlab.engine.scoring import logprobs_and_top
 from llmlab.engine.sequence import Completion, Sequence, TokenInfo, choose, new_sequence
 from llmlab.errors import LLMLabError
 
 DRAFT_TOKENS = 5  # k: tokens proposed per verify step
-MAX_NGRAM = 3  # the longest context suffix looked up (then shorter ones, down to 1 token)
 # a request whose drafts are mostly wrong pays for k + 1 tokens per call and gets ~1: after this many drafted
-# tokens, if fewer than this share were kept, it stops drafting (plain decode steps, same output)
+# tokens, if fewer than this share were kept, or speculative steps cost more time per token than plain ones
+# (measured), it stops drafting (plain decode steps, same output)
 JUDGE_AFTER, MIN_ACCEPTANCE = 24, 0.15
+PLAIN_PROBES = 3  # plain steps timed (once per decoder) before drafting, to know what speculation must beat
 
 
 @dataclass
 class SpeculativeStats:
-    """How well the drafts did, for usage reports and benchmarks."""
-    verify_steps: int = 0  # model forwards after the prompt (each decides one or more tokens)
+    """How well the drafts did, for usage reports, /metrics and benchmarks."""
+    verify_steps: int = 0  # target forwards after the prompt (each decides one or more tokens)
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens kept
     tokens: int = 0  # tokens decided (sampled), counting a stop token
+    turned_off: int = 0  # requests that stopped drafting because it did not pay
+    spec_seconds: float = 0.0  # time in steps that drafted, and the tokens they decided
+    spec_tokens: int = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -48,42 +60,49 @@ class SpeculativeStats:
     def tokens_per_step(self) -> float:
         return self.tokens / self.verify_steps if self.verify_steps else 0.0
 
+    def add(self, other: "SpeculativeStats"):
+        for name in ("verify_steps", "drafted", "accepted", "tokens", "turned_off", "spec_seconds", "spec_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
-def lookup_draft(tokens: list[int], k: int, max_ngram: int = MAX_NGRAM) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of the context's last n tokens (n = max_ngram
-    down to 1); [] when no suffix occurred before. This is llama.cpp's "lookup" / prompt lookup decoding."""
-    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
-        tail = tokens[-n:]
-        for start in range(len(tokens) - n - 1, -1, -1):  # latest first: recent text predicts best
-            if tokens[start:start + n] == tail:
-                return tokens[start + n:start + n + k]
-    return []
-
-
-def target_probs(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
-    """The distribution sample_next draws from (temperature > 0): penalty, temperature, top-k, top-p, min-p."""
-    logits = logits.float()
-    if params.repetition_penalty != 1.0 and seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    logits = logits / params.temperature
-    logits = min_p_filter(top_p_filter(top_k_filter(logits, params.top_k), params.top_p), params.min_p)
-    return logits.softmax(dim=-1)
+    def report(self) -> dict:
+        """The fields a server response's usage carries."""
+        return {"drafted_tokens": self.drafted, "accepted_tokens": self.accepted,
+                "acceptance_rate": round(self.acceptance_rate, 4), "verify_steps": self.verify_steps,
+                "tokens_per_step": round(self.tokens_per_step, 4), "turned_off": bool(self.turned_off)}
 
 
-def decide(seq: Sequence, logits: torch.Tensor, draft: int | None) -> int:
-    """The next token of seq from its logits (1, V), given the drafted token there (None: nothing drafted).
+def speculation_loses(stats: SpeculativeStats, plain_step_seconds: float | None, min_acceptance: float) -> bool:
+    """Whether a request should stop drafting: judged after JUDGE_AFTER drafted tokens, on its acceptance rate and,
+    when plain steps were timed, on seconds per token of its drafting steps against a plain step's."""
+    if stats.drafted < JUDGE_AFTER:
+        return False
+    if stats.acceptance_rate < min_acceptance:
+        return True
+    if plain_step_seconds is None or not stats.spec_tokens:
+        return False
+    return stats.spec_seconds / stats.spec_tokens > plain_step_seconds
+
+
+def decide(seq: Sequence, logits: torch.Tensor, draft: int | None, q: torch.Tensor | None = None) -> int:
+    """The next token of seq from its logits (1, V), given the drafted token there (None: nothing drafted) and the
+    distribution q (V,) it was drawn from (None: a point mass, as a lookup draft).
 
     Greedy: the model's own choice (the draft only counts as kept if it is the same token). Sampling: keep the
-    draft with probability p(draft), else draw from p without it, which leaves the token distributed as p.
+    draft with probability min(1, p/q), else draw from norm(max(0, p - q)), which leaves the token distributed as p.
     """
     if draft is None or seq.params.temperature == 0:
         return choose(seq, logits)
-    probs = target_probs(logits, seq.params, seq.seen)[0]
-    p_draft = float(probs[draft])
-    if float(torch.rand((), generator=seq.generator)) < p_draft:
+    p = sampling_probs(logits, seq.params, seq.seen)[0]
+    q_draft = 1.0 if q is None else float(q[draft])
+    if float(torch.rand((), generator=seq.generator)) * q_draft < float(p[draft]):
         return draft
-    rest = probs.clone()
-    rest[draft] = 0.0
+    if q is None:
+        rest = p.clone()
+        rest[draft] = 0.0
+    else:
+        rest = (p - q.to(p.device)).clamp_min(0.0)
+    if float(rest.sum()) <= 0:  # p == q up to rounding: a rejection had (almost) no probability; p is then right
+        rest = p
     return int(torch.multinomial(rest / rest.sum(), 1, generator=seq.generator))
 
 
@@ -99,16 +118,22 @@ def record(seq: Sequence, logits: torch.Tensor, token: int):
 
 
 class SpeculativeDecoder:
-    """Prompt-lookup speculative decoding of one prompt on an Engine's model."""
+    """Speculative decoding of one prompt at a time on an Engine's model, with drafts from `drafter` (default:
+    prompt lookup; see llmlab.engine.draft, or give "lookup", "self" or "draft:PATH")."""
 
-    def __init__(self, engine, draft_tokens: int = DRAFT_TOKENS, max_ngram: int = MAX_NGRAM,
-                 min_acceptance: float = MIN_ACCEPTANCE):
+    def __init__(self, engine, drafter=None, draft_tokens: int = DRAFT_TOKENS, min_acceptance: float = MIN_ACCEPTANCE,
+                 auto_off: bool = True, max_ngram: int | None = None):
         if draft_tokens < 1:
             raise LLMLabError(f"draft_tokens must be >= 1, got {draft_tokens}")
-        if max_ngram < 1:
-            raise LLMLabError(f"max_ngram must be >= 1, got {max_ngram}")
-        self.engine, self.k, self.max_ngram, self.min_acceptance = engine, draft_tokens, max_ngram, min_acceptance
+        if isinstance(drafter, str):
+            drafter = make_drafter(drafter, engine.model, engine.tokenizer)
+        if max_ngram is not None:
+            drafter = LookupDrafter(max_ngram)
+        self.engine, self.drafter, self.k = engine, drafter or LookupDrafter(), draft_tokens
+        self.min_acceptance, self.auto_off = min_acceptance, auto_off
+        self.plain_seconds: deque[float] = deque(maxlen=16)  # recent plain decode steps, what drafting must beat
         self.stats = SpeculativeStats()  # summed over every call
+        self.last = SpeculativeStats()  # the latest request's own
 
     def generate(self, prompt: list[int], params: SamplingParams | None = None) -> Completion:
         seq = None
@@ -123,42 +148,59 @@ class SpeculativeDecoder:
             if delta:
                 yield delta
 
+    def plain_step_seconds(self) -> float | None:
+        return statistics.median(self.plain_seconds) if len(self.plain_seconds) >= PLAIN_PROBES else None
+
     @torch.no_grad()
-    def steps(self, prompt: list[int], params: SamplingParams) -> Iterator[Sequence]:
-        """Yields the sequence after every verify step, until it finished."""
+    def steps(self, prompt: list[int], params: SamplingParams, mine: SpeculativeStats | None = None
+              ) -> Iterator[Sequence]:
+        """Yields the sequence after every verify step, until it finished. `mine` collects this request's stats."""
         engine = self.engine
         params.validate(engine.context_len)
+        if params.logits_processors:  # its drafts are accepted from sampling_probs, which knows nothing of them
+            raise LLMLabError("speculative decoding cannot honour logits processors (e.g. a watermark)")
         engine._check_prompt(prompt)
-        seq = new_sequence(engine.tokenizer, params, prompt, min(params.max_new_tokens, engine.context_len - len(prompt)),
-                           vocab_size=engine.model.config.vocab_size, device=engine.device)
+        limit = min(params.max_new_tokens, engine.context_len - len(prompt))
+        seq = new_sequence(engine.tokenizer, params, prompt, limit, vocab_size=engine.model.config.vocab_size,
+                           device=engine.device)
         # the prompt's last token is fed with the first drafts, so even the first new token can be drafted
         cache = engine.model.new_cache(1, engine._cache_len(len(prompt) + seq.limit + self.k))
         if len(prompt) > 1:
             _, one = engine.prefill(prompt[:-1])
             cache.copy_row(0, one, length=len(prompt) - 1)
+        draft_state = self.drafter.start(prompt, cache.max_len)
         context = list(prompt)
         pending, pos = prompt[-1], len(prompt) - 1
-        mine = SpeculativeStats()  # this request's own, to turn drafting off when it does not pay
+        self.last = mine = mine if mine is not None else SpeculativeStats()
+        drafting = True
         while seq.finish_reason is None:
+            started = time.perf_counter()
             room = min(self.k, seq.limit - seq.sampled - 1, cache.max_len - pos - 1)
-            if mine.drafted >= JUDGE_AFTER and mine.acceptance_rate < self.min_acceptance:
-                room = 0
-            draft = lookup_draft(context, room, self.max_ngram) if room > 0 else []
+            probing = self.auto_off and len(self.plain_seconds) < PLAIN_PROBES
+            draft, q = draft_state.propose(context, room, seq) if drafting and room > 0 and not probing else ([], None)
             logits = self.verify(pending, draft, pos, cache)
-            self.stats.verify_steps += 1
-            self.stats.drafted += len(draft)
-            mine.drafted += len(draft)
             for i in range(len(draft) + 1):
                 drafted = draft[i] if i < len(draft) else None
-                token = decide(seq, logits[i:i + 1], drafted)
+                token = decide(seq, logits[i:i + 1], drafted, q[i] if q is not None and drafted is not None else None)
                 record(seq, logits[i:i + 1], token)
-                self.stats.tokens += 1
                 context.append(token)
                 if token != drafted or seq.finish_reason is not None:
                     break
-                self.stats.accepted += 1
                 mine.accepted += 1
+            seconds = time.perf_counter() - started
+            mine.verify_steps += 1
+            mine.drafted += len(draft)
+            mine.tokens += i + 1
+            if draft:
+                mine.spec_seconds, mine.spec_tokens = mine.spec_seconds + seconds, mine.spec_tokens + i + 1
+            else:
+                self.plain_seconds.append(seconds)
+            if drafting and speculation_loses(mine, self.plain_step_seconds() if self.auto_off else None,
+                                              self.min_acceptance):
+                drafting, mine.turned_off = False, 1
             pending, pos = context[-1], pos + i + 1
+            if seq.finish_reason is not None:
+                self.stats.add(mine)
             yield seq
 
     def verify(self, pending: int, draft: list[int], pos: int, cache) -> torch.Tensor:
@@ -173,7 +215,7 @@ class SpeculativeDecoder:
 
 
 def speculative_generate(engine, prompt: list[int], params: SamplingParams | None = None,
-                         draft_tokens: int = DRAFT_TOKENS) -> tuple[Completion, SpeculativeStats]:
-    """One completion with prompt-lookup drafts, and how the drafts did."""
-    decoder = SpeculativeDecoder(engine, draft_tokens)
+                         draft_tokens: int = DRAFT_TOKENS, drafter=None) -> tuple[Completion, SpeculativeStats]:
+    """One completion with speculative drafts (prompt lookup unless a drafter is given), and how the drafts did."""
+    decoder = SpeculativeDecoder(engine, drafter, draft_tokens)
     return decoder.generate(prompt, params), decoder.stats

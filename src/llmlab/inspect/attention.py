@@ -8,6 +8,7 @@ through o_proj is checked against the layer's actual output, so a map is known t
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -58,15 +59,18 @@ def attention_maps(model, ids, layers: list[int] | None = None) -> AttentionMaps
     x = as_batch(ids)
     if x.shape[0] != 1 or x.shape[1] == 0:
         raise LLMLabError("attention maps take one non-empty prompt")
-    seen, handles = {}, []
+    # a server's batcher may run the same model in its own thread meanwhile: record this thread's calls only
+    seen, handles, me = {}, [], threading.get_ident()
     for layer in layers:
         attn = model.model.layers[layer].self_attn
 
         def pre(mod, args, layer=layer):
-            seen[layer] = {"x": args[0], "rope": args[1]}
+            if threading.get_ident() == me:
+                seen[layer] = {"x": args[0], "rope": args[1]}
 
         def post(mod, args, output, layer=layer):
-            seen[layer]["out"] = output
+            if threading.get_ident() == me:
+                seen[layer]["out"] = output
         handles += [attn.register_forward_pre_hook(pre), attn.register_forward_hook(post)]
     try:
         model(x)

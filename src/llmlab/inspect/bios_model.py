@@ -6,14 +6,15 @@ full names), so each fact is stored under the person's name, and trained with ll
 
 from __future__ import annotations
 
+import itertools
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llmlab.data.bios import World, make_bios_world
+from llmlab.data.bios import FEMALE_NAMES, LAST_NAMES, MALE_NAMES, World, make_bios_world
 from llmlab.model import ModelConfig, Transformer
 from llmlab.tokenizer import Tokenizer
 from llmlab.tokenizer.train import train_bpe
@@ -42,13 +43,28 @@ def bios_tokens(docs: list[list[int]], eos: int, n_tokens: int, seed: int) -> np
     return np.array(out, dtype=np.int32)
 
 
+def pooled_names(world: World, pool: int, seed: int = 0) -> World:
+    """The same people renamed "First Last" from `pool` first names per gender and `pool` last names, each name
+    shared by several people: no one token of a name tells who it is, so the model has to combine them."""
+    rng = random.Random(f"{seed}/pooled")
+    lasts = LAST_NAMES[:pool]
+    names = {g: rng.sample([f"{f} {l}" for f, l in itertools.product(first[:pool], lasts)], pool * pool)
+             for g, first in (("he", MALE_NAMES), ("she", FEMALE_NAMES))}
+    if any(sum(p.pronoun == g for p in world.people) > pool * pool for g in names):
+        raise ValueError(f"{len(world.people)} people do not fit {pool} x {pool} names per gender")
+    return World([replace(p, name=names[p.pronoun].pop()) for p in world.people], world.seed)
+
+
 def train_bios_model(out_dir: str | Path, people: int = 48, steps: int = 300, dim: int = 128, layers: int = 4,
                      seq_len: int = 64, micro_batch: int = 16, lr: float = 3e-3, vocab: int = 600,
-                     seed: int = 0) -> BiosModel:
-    """Pretrain a fresh model on the biographies of `people` people; out_dir gets the tokenizer and run files."""
+                     seed: int = 0, name_pool: int = 0, augment: str = AUGMENT) -> BiosModel:
+    """Pretrain a fresh model on the biographies of `people` people; out_dir gets the tokenizer and run files.
+    name_pool > 0 renames them with pooled_names."""
     out_dir = Path(out_dir)
     world = make_bios_world(people, seed=seed)
-    bios = list(world.biographies(AUGMENT))
+    if name_pool:
+        world = pooled_names(world, name_pool, seed)
+    bios = list(world.biographies(augment))
     tokenizer = Tokenizer.from_dir(train_bpe(bios, vocab, out_dir / "tokenizer", min_frequency=1))
     eos = tokenizer.eos_token_id
     tokens = bios_tokens([tokenizer.encode(b) for b in bios], eos, steps * micro_batch * seq_len, seed)

@@ -66,24 +66,43 @@ def control_labels(token_types: list[int], labels: list[int], seed: int = 0) -> 
     return [per_type[t] for t in token_types]
 
 
+def split(n: int, test_fraction: float, seed: int, groups: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out and training example indices: at random, or by whole groups (a person's every example on one side,
+    so a probe cannot pass by recognising the person)."""
+    generator = torch.Generator().manual_seed(seed)
+    if groups is None:
+        order = torch.randperm(n, generator=generator)
+        n_test = max(1, round(test_fraction * n))
+        return order[:n_test], order[n_test:]
+    names = sorted(set(groups), key=str)
+    if len(names) < 2:
+        raise LLMLabError("a split by groups needs at least 2 groups")
+    picked = torch.randperm(len(names), generator=generator)[:max(1, round(test_fraction * len(names)))]
+    held = {names[i] for i in picked.tolist()}
+    test = [i for i, g in enumerate(groups) if g in held]
+    return torch.tensor(test), torch.tensor([i for i, g in enumerate(groups) if g not in held])
+
+
 def train_probes(features: list[torch.Tensor], labels: list[int], token_types: list[int], test_fraction: float = 0.3,
-                 layers: list[int] | None = None, seed: int = 0) -> ProbeResult:
+                 layers: list[int] | None = None, seed: int = 0, groups: list | None = None) -> ProbeResult:
     """Probe every residual state (features[l]: (N, D), one row per example) for labels, and its control task.
 
     token_types[i] is the token the probed state sits on (the control task's unit). Examples are split into
-    train and held-out at random (seeded); layers defaults to all states.
+    train and held-out at random (seeded), or by groups (groups[i]: e.g. the person example i is about); layers
+    defaults to all states.
     """
     n = len(labels)
     if n < 4 or len(token_types) != n or any(len(f) != n for f in features):
         raise LLMLabError(f"a probe needs at least 4 examples with one feature row and token type each (got {n})")
+    if groups is not None and len(groups) != n:
+        raise LLMLabError(f"{len(groups)} groups for {n} probe examples")
     layers = list(range(len(features))) if layers is None else layers
     classes = sorted(set(labels))
     y = torch.tensor([classes.index(v) for v in labels])
     control = control_labels(token_types, labels, seed)
     yc = torch.tensor([classes.index(v) for v in control])
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_test = max(1, round(test_fraction * n))
-    test, train = order[:n_test], order[n_test:]
+    test, train = split(n, test_fraction, seed, groups)
+    n_test = len(test)
     majority_label = Counter(y[train].tolist()).most_common(1)[0][0]
     acc, ctrl = [], []
     for layer in layers:
@@ -127,3 +146,50 @@ def bios_probe_examples(tokenizer, world, attribute: str) -> tuple[list[list[int
         raise LLMLabError(f"unknown bios attribute {attribute!r} (birth_year, birth_city, university, major, "
                           "employer, employer_city, pronoun)")
     return prompts, [getattr(p, attribute) for p in world.people]
+
+
+def name_mentions(tokenizer, world, augment: str = "multi,fullname") -> list[tuple[list[int], list[int], int]]:
+    """Per biography: "<eos>" + its token ids, the position of the last token of every mention of the person's
+    full name in it, and the person's index in world.people."""
+    eos, out = tokenizer.eos_token_id, []
+    copies = 5 if "multi" in augment else 1
+    for k, text in enumerate(world.biographies(augment)):
+        person = k // copies
+        name = world.people[person].name
+        enc = tokenizer.backend.encode(text, add_special_tokens=False)
+        ends = [m + len(name) for m in _find_all(text, name)]
+        positions = [1 + max(i for i, (a, b) in enumerate(enc.offsets) if a < end) for end in ends]
+        out.append(([eos] + enc.ids, positions, person))
+    return out
+
+
+def _find_all(text: str, sub: str) -> list[int]:
+    starts, i = [], text.find(sub)
+    while i >= 0:
+        starts.append(i)
+        i = text.find(sub, i + 1)
+    return starts
+
+
+@torch.no_grad()
+def probe_name_mentions(model, tokenizer, world, labels_by_person: list, layers: list[int] | None = None,
+                        test_fraction: float = 0.5, seed: int = 0, augment: str = "multi,fullname") -> ProbeResult:
+    """Probe the state at the last token of every mention of a person's name in their biographies for a label of
+    the person (labels_by_person[i] for world.people[i]), held out by person: the probe is scored on people it never
+    saw, so it passes only where the layer encodes the property in a way shared across people."""
+    if len(labels_by_person) != len(world.people):
+        raise LLMLabError(f"{len(labels_by_person)} labels for {len(world.people)} people")
+    layers = None if layers is None else [check_layer(model, l) for l in layers]
+    rows, types, labels, groups = [], [], [], []
+    limit = model.config.max_seq_len  # positions the model was trained on
+    for ids, positions, person in name_mentions(tokenizer, world, augment):
+        ids, positions = ids[:limit], [p for p in positions if p < limit]
+        if not positions:
+            continue
+        states = hidden_states(model, ids)
+        rows.append(torch.stack([s[0, positions] for s in states]))  # (states, mentions, D)
+        types += [ids[p] for p in positions]
+        labels += [labels_by_person[person]] * len(positions)
+        groups += [person] * len(positions)
+    features = list(torch.cat(rows, dim=1))
+    return train_probes(features, labels, types, test_fraction, layers, seed, groups)

@@ -32,7 +32,7 @@ class ModelConfig:
     # positions
     pos_embedding: str = "rope"  # "rope" | "learned"
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # HF rope_scaling: {"rope_type": "linear"|"llama3", "factor": ...}
+    rope_scaling: dict | None = None  # HF rope_scaling: {"rope_type": "linear"|"yarn"|"llama3", "factor": ...}
     # blocks
     mlp: str = "swiglu"  # "swiglu" | "gelu"
     norm: str = "rmsnorm"  # "rmsnorm" | "layernorm"
@@ -130,8 +130,11 @@ class ModelConfig:
             scaling.pop("rope_theta", None)
             if scaling["rope_type"] == "default":
                 scaling = None
-            elif scaling["rope_type"] not in ("linear", "llama3"):
-                raise ConfigError(f"unsupported rope scaling {scaling['rope_type']!r} (llmlab: linear, llama3)")
+            elif scaling["rope_type"] not in ("linear", "llama3", "yarn"):
+                raise ConfigError(f"unsupported rope scaling {scaling['rope_type']!r} (llmlab: linear, yarn, llama3; "
+                                  "for dynamic NTK load with --rope-scaling ntk:FACTOR, see llmlab.model.rope)")
+            if scaling["rope_type"] == "yarn":
+                scaling.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
         n_heads = hf["num_attention_heads"]
         known = {
             "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",

@@ -84,6 +84,46 @@ class Int4Matmul(nn.Module):
         return y.split(self.splits, dim=-1)
 
 
+def pack_groups(weight: torch.Tensor, bits: int = 4, group_size: int = 32):
+    """(q, d, m) as uint8, fp16, fp16 with w ≈ d·q + m per group of 32 inputs: the layout of the native decode
+    kernel (llmlab.engine.native).
+
+    4 bits: Q4_1's minimum and step per group, two per byte as GGUF packs them (byte j of a group holds q[j]
+    and q[j + 16] << 4), so a Q4_1 GGUF's weights come back exactly (min/max finds the same q, d and m, and
+    GGUF's scales are fp16 too). 8 bits: symmetric like Q8_0 (d = absmax / 127, q = round(w / d) + 128,
+    m = −128·d), so a Q8_0 tensor's weights come back exactly too.
+    """
+    if group_size != 32:
+        raise LLMLabError(f"groups of {group_size}: only groups of 32 are packed")
+    w = weight.detach().float()
+    out_features, in_features = w.shape
+    if in_features % group_size:
+        raise LLMLabError(f"a {out_features}x{in_features} weight cannot be packed in groups of {group_size}: "
+                          f"its input width must be a multiple of {group_size}")
+    groups = w.reshape(out_features, in_features // group_size, group_size)
+    if bits == 4:
+        low = groups.amin(-1).half()
+        d = ((groups.amax(-1) - low.float()) / 15).half()
+        # q from the fp16 scale and minimum the kernel will use, not from their fp32 values
+        q = ((groups - low.float()[..., None]) / d.float().clamp_min(1e-30)[..., None]).round().clamp(0, 15)
+        q = q.to(torch.uint8)
+        q = q[..., :16] | (q[..., 16:] << 4)
+        return q.reshape(out_features, in_features // 2).contiguous(), d.contiguous(), low.contiguous()
+    if bits == 8:
+        d = (groups.abs().amax(-1) / 127).half()
+        q = (groups / d.float().clamp_min(1e-30)[..., None]).round().clamp(-128, 127) + 128
+        return q.to(torch.uint8).reshape(out_features, in_features).contiguous(), d.contiguous(), (-128 * d).contiguous()
+    raise LLMLabError(f"{bits}-bit groups: only 4 and 8 bits are packed")
+
+
+def unpack_groups(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """The fp32 weight (out, in) that pack_groups' (q, d, m) stand for."""
+    if bits == 4:
+        q = torch.stack([q.view(q.shape[0], -1, 16) & 15, q.view(q.shape[0], -1, 16) >> 4], 2)
+    q = q.reshape(d.shape[0], d.shape[1], 32).float()
+    return (q * d.float()[..., None] + m.float()[..., None]).reshape(d.shape[0], -1)
+
+
 def use_int4(x: torch.Tensor) -> bool:
     """Whether a call with input x takes the 4-bit path: few rows, on the CPU."""
     return x.device.type == "cpu" and x.numel() <= INT4_MAX_ROWS * x.shape[-1]
@@ -98,7 +138,9 @@ class Int4Linear(Linear):
 
     def __init__(self, linear: nn.Linear, group_size: int = 32, bits: int = 4):
         super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        self.weight, self.bias = linear.weight, linear.bias
+        # a packed projection (llmlab.engine.native) reads its weight as a plain tensor: make it a Parameter
+        as_param = lambda t: t if t is None or isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)  # noqa: E731
+        self.weight, self.bias = as_param(linear.weight), as_param(linear.bias)
         self.int4 = Int4Matmul([linear], group_size, bits)
 
     def forward(self, x):

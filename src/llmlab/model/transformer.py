@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmlab.model.config import ModelConfig
+from llmlab.model.rope import apply_rope, rope_attention_factor, rope_inv_freq, rotary_tables, rotate_half  # noqa: F401
 
 
 class RMSNorm(nn.Module):
@@ -51,37 +52,6 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Rotation frequency per pair of head dimensions, with linear or Llama-3 scaling applied."""
-    hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-    scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", "default")
-    if kind == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif kind == "llama3":
-        # long wavelengths are slowed by `factor`, short ones kept, the band between interpolated
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        between = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        inv_freq = torch.where(between, smoothed, inv_freq)
-    return inv_freq
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x, cos, sin):
-    # x: (B, H, T, hd); cos/sin: (B, 1, T, hd). Half-split pairing, as in the HF Llama weights.
-    return x * cos + rotate_half(x) * sin
-
-
 class KVCache:
     """Preallocated keys and values: per layer, two tensors (batch, kv_heads, max_len, head_dim).
 
@@ -91,11 +61,14 @@ class KVCache:
     one big tensor) because a compiled in-place write into a view copies the whole base tensor.
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu",
+                 far_keys: bool = False):
         self.max_len = max_len
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        # Self-Extend (llmlab.model.self_extend) also keeps each key rotated at its grouped position
+        self.k_far = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)] if far_keys else []
 
     @property
     def batch_size(self) -> int:
@@ -109,15 +82,21 @@ class KVCache:
         cache_v.scatter_(2, index, v.to(cache_v.dtype))
         return cache_k, cache_v
 
+    def update_far(self, layer: int, k, input_pos):
+        """Write Self-Extend's grouped-position keys k (B, kv_heads, T, hd) at input_pos; return the layer's."""
+        self.k_far[layer].scatter_(2, input_pos[:, None, :, None].expand_as(k), k.to(self.k_far[layer].dtype))
+        return self.k_far[layer]
+
     def reorder(self, rows: torch.Tensor):
         """Keep (and duplicate) batch rows, e.g. to follow the surviving beams."""
         self.k = [t.index_select(0, rows) for t in self.k]
         self.v = [t.index_select(0, rows) for t in self.v]
+        self.k_far = [t.index_select(0, rows) for t in self.k_far]
 
     def copy_row(self, dst: int, src: "KVCache", src_row: int = 0, length: int | None = None):
         """Copy one row of another cache (e.g. a prefilled prompt) into row dst of this one."""
         n = src.max_len if length is None else length
-        for mine, theirs in zip(self.k + self.v, src.k + src.v):
+        for mine, theirs in zip(self.k + self.v + self.k_far, src.k + src.v + src.k_far):
             mine[dst, :, :n] = theirs[src_row, :, :n]
 
 
@@ -285,9 +264,7 @@ class Transformer(nn.Module):
             x = x + self.model.embed_positions(input_pos)
             rope = None
         else:
-            freqs = input_pos[..., None].float() * self.inv_freq  # (B, T, hd/2)
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-            rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+            rope = rotary_tables(input_pos, self.inv_freq, rope_attention_factor(self.config), x.dtype)
         mask = None
         # a prompt written into an empty cache attends causally to itself: no mask over the whole cache,
         # so the fast causal attention kernel runs (decode steps and cached prefixes need the mask)
@@ -303,8 +280,9 @@ class Transformer(nn.Module):
         return self.lm_head(x)
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
-        p = self.model.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len, dtype=dtype or p.dtype, device=p.device)
+        p = self.model.norm.weight  # not the embedding's: a packed one (llmlab.engine.native) has no dense weight
+        return KVCache(self.config, batch_size, max_len, dtype=dtype or p.dtype, device=p.device,
+                       far_keys=getattr(self, "self_extend", None) is not None)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

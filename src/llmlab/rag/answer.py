@@ -84,17 +84,38 @@ def ask(index: RagIndex, client: ModelClient, question: str, k: int = 4, method:
         rerank_scorer: str = "question") -> Answer:
     """Retrieve, optionally rerank the best `rerank_candidates`, put the best passages at the edges of the
     context, and generate an answer that cites passages by number; the numbers become chunk ids."""
+    return ask_many(index, client, [question], k, method, rerank_candidates, max_tokens, seed, rerank_scorer)[0]
+
+
+def ask_many(index: RagIndex, client: ModelClient, questions: list[str], k: int = 4, method: str = "hybrid",
+             rerank_candidates: int = 0, max_tokens: int = 200, seed: int | None = None,
+             rerank_scorer: str = "question", query_vectors=None) -> list[Answer]:
+    """ask() for many questions, their answers generated in one client call (the in-process model batches them).
+    query_vectors: the questions' embeddings when the caller has them."""
     if rerank_candidates and rerank_candidates < k:
         raise LLMLabError(f"--rerank {rerank_candidates} must be at least k={k} (it picks the k best of that many)")
-    hits = index.search(question, k=max(k, rerank_candidates), method=method)
-    if rerank_candidates:
-        hits = rerank(client, question, hits, rerank_scorer)
-    shown = order_for_context(hits[:k])
+    shown_lists, prompts = [], []
+    for i, question in enumerate(questions):
+        hits = index.search(question, k=max(k, rerank_candidates), method=method,
+                            query_vector=None if query_vectors is None else query_vectors[i])
+        if rerank_candidates:
+            hits = rerank(client, question, hits, rerank_scorer)
+        shown = order_for_context(hits[:k])
+        shown_lists.append(shown)
+        prompts.append(answer_prompt(question, shown))
+    generations = client.generate(prompts, GenParams(max_tokens=max_tokens, temperature=0, seed=seed))
+    answers = []
+    for question, shown, g in zip(questions, shown_lists, generations):
+        raw = g.text.strip()
+        text, cited, invalid = resolve_citations(raw, [h.chunk.chunk_id for h in shown])
+        answers.append(Answer(question, text, raw, shown, cited, invalid))
+    return answers
+
+
+def answer_prompt(question: str, shown: list[Hit]) -> str:
+    """The numbered passages and the question, as the model is asked to answer them."""
     passages = "\n\n".join(f"[{n}] {h.chunk.indexed_text}" for n, h in enumerate(shown, start=1))
-    prompt = ANSWER_PROMPT.format(passages=passages, question=question)
-    raw = client.generate([prompt], GenParams(max_tokens=max_tokens, temperature=0, seed=seed))[0].text.strip()
-    text, cited, invalid = resolve_citations(raw, [h.chunk.chunk_id for h in shown])
-    return Answer(question, text, raw, shown, cited, invalid)
+    return ANSWER_PROMPT.format(passages=passages, question=question)
 
 
 def resolve_citations(raw: str, shown_ids: list[str]) -> tuple[str, list[str], list[int]]:

@@ -61,6 +61,11 @@ def pull_embedding_model(name: str = DEFAULT_EMBEDDING_MODEL) -> Path:
     return final
 
 
+def embedding_model_cached(name: str = DEFAULT_EMBEDDING_MODEL) -> bool:
+    """Whether a known model is already on disk (so loading it needs no download)."""
+    return name in EMBEDDING_MODELS and (cache_dir() / "embed" / name / "model.safetensors").is_file()
+
+
 def embedding_model_name(name_or_dir: str) -> str:
     """What an index records: a known model's name, or a model directory's absolute path."""
     return name_or_dir if name_or_dir in EMBEDDING_MODELS else str(Path(name_or_dir).resolve())
@@ -92,20 +97,42 @@ class Embedder:
         self.max_tokens = min(max_tokens, self.model.cfg.max_positions)
         self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
         self.tokenizer.enable_truncation(self.max_tokens)  # the file says 128; the model was used with 256
-        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest of each batch
+        self.tokenizer.no_padding()  # batches are padded here, to the longest row of each
+        self.vocab_size = self.tokenizer.get_vocab_size()
+        self.cls_id, self.sep_id = self.tokenizer.token_to_id("[CLS]"), self.tokenizer.token_to_id("[SEP]")
+        self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
-    @torch.inference_mode()
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's ids as the model reads them: [CLS] ... [SEP], cut to the model's length."""
+        return [e.ids for e in self.tokenizer.encode_batch(texts)]
+
+    def wrap_ids(self, rows: list[list[int]]) -> list[list[int]]:
+        """Bare token ids (no special tokens, e.g. from an API client) as the model reads them; ids outside the
+        vocabulary are refused."""
+        for row in rows:
+            bad = [t for t in row if not 0 <= t < self.vocab_size]
+            if bad:
+                raise LLMLabError(f"token id {bad[0]} is outside the embedding model's vocabulary of {self.vocab_size}")
+        if self.cls_id is None or self.sep_id is None:
+            raise LLMLabError(f"the embedding model {self.name} has no [CLS]/[SEP] tokens to wrap token ids in")
+        return [[self.cls_id] + row[:self.max_tokens - 2] + [self.sep_id] for row in rows]
+
     def encode(self, texts: list[str]) -> np.ndarray:
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        return self.encode_ids(self.token_ids(texts))
+
+    @torch.inference_mode()
+    def encode_ids(self, rows: list[list[int]]) -> np.ndarray:
+        """Unit vectors of rows of token ids that already carry the special tokens (token_ids, wrap_ids)."""
+        out = np.zeros((len(rows), self.dim), dtype=np.float32)
         # batches of similar lengths waste little on padding
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            encodings = self.tokenizer.encode_batch([texts[i] for i in rows])
-            ids = torch.tensor([e.ids for e in encodings])
-            mask = torch.tensor([e.attention_mask for e in encodings])
-            out[rows] = self.model.embed(ids, mask).numpy()
+            batch = order[start:start + self.batch_size]
+            width = max(len(rows[i]) for i in batch)
+            ids = torch.tensor([rows[i] + [self.pad_id] * (width - len(rows[i])) for i in batch])
+            mask = torch.tensor([[1] * len(rows[i]) + [0] * (width - len(rows[i])) for i in batch])
+            out[batch] = self.model.embed(ids, mask).numpy()
         return out

@@ -1,6 +1,7 @@
 """A retrieval eval set that needs no download: the bios world's biographies and questions about them.
 
-Two kinds of question, with the person's biography as the relevant document:
+Two kinds of question, with the person's biography as the relevant document (and gold "answers" for answer
+correctness: the attribute's value, or the names of the people who match):
   "name":      the world's own QA questions ("Which university did Clara Dale Pemberton study at?"): the name
                is in the question, so word overlap should find it; dense vectors blur similar names.
   "attribute": who-questions without a name, in words other than the biography's ("Which person was born in
@@ -37,12 +38,13 @@ def bios_evalset(n_people: int = 300, seed: int = 0, name_questions: int = 1,
         qa_by_person.setdefault(qa["person"], []).append(qa)
     for person in world.people:
         for qa in rng.sample(qa_by_person[person.name], name_questions):
-            questions.append({"question": qa["question"], "relevant": [person.name], "kind": "name"})
+            questions.append({"question": qa["question"], "relevant": [person.name], "kind": "name",
+                              "answers": [qa["answer"]]})
         for attrs in rng.sample(sorted(ATTRIBUTE_QUESTIONS), attribute_questions):
             facts = {a: getattr(person, a) for a in attrs}
             relevant = [p.name for p in world.people if all(getattr(p, a) == v for a, v in facts.items())]
             questions.append({"question": ATTRIBUTE_QUESTIONS[attrs].format(**facts), "relevant": relevant,
-                              "kind": "attribute"})
+                              "kind": "attribute", "answers": relevant})
     return documents, questions
 
 

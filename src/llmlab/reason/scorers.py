@@ -1,4 +1,5 @@
-"""Scorers for best-of-N and tree search: a verifier, the model's own likelihood, a value prompt, a reward model.
+"""Scorers for best-of-N and tree search: a verifier, the model's own likelihood, a value prompt, a reward model,
+a process reward model (prm.py).
 
 A scorer is a function (item, texts, meter, logprobs) -> one float per text, higher is better. `texts` are
 whole samples (best-of-N) or partial solutions (tree search); logprobs[i] holds the tokens' log-probabilities
@@ -14,7 +15,7 @@ from llmlab.reason.prompts import reasoning_prompt, value_prompt
 from llmlab.reason.tasks import extract_answer, is_correct
 from llmlab.reason.vote import mean_logprob
 
-SCORERS = ["verifier", "likelihood", "value", "reward:PATH"]
+SCORERS = ["verifier", "likelihood", "value", "reward:PATH", "prm:PATH"]
 
 
 def verifier(item, texts, meter=None, logprobs=None) -> list[float]:
@@ -55,11 +56,14 @@ class RewardModelScorer:
 
 
 def make_scorer(spec):
-    """A scorer from its name ("verifier", "likelihood", "value", "reward:PATH") or a callable."""
+    """A scorer from its name ("verifier", "likelihood", "value", "reward:PATH", "prm:PATH") or a callable."""
     if callable(spec):
         return spec
     if spec in ("verifier", "likelihood", "value"):
         return {"verifier": verifier, "likelihood": likelihood, "value": value}[spec]
     if isinstance(spec, str) and spec.startswith("reward:"):
         return RewardModelScorer(spec[len("reward:"):])
+    if isinstance(spec, str) and spec.startswith("prm:"):
+        from llmlab.reason.prm import PRMScorer
+        return PRMScorer(spec[len("prm:"):])
     raise LLMLabError(f"unknown scorer {spec!r} (choose from {', '.join(SCORERS)})")

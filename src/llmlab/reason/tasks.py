@@ -164,6 +164,9 @@ def load_jsonl(path: str | Path) -> list[dict]:
 NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 # where a reply states its final answer, most explicit first; the last such statement wins
 FINAL_MARKERS = [r"answer is[:\s]*", r"####\s*", r"\\boxed\{", r"answer:\s*"]
+# a line that states the final answer (it ends a chain of thought in tree search, and is checked, not rolled out,
+# by Math-Shepherd labels)
+FINAL = re.compile(r"answer is|####|\\boxed", re.IGNORECASE)
 
 
 def normalise_number(text: str) -> str | None:

@@ -6,14 +6,13 @@ tree_of_thoughts() runs it over lines of a model's chain of thought.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from llmlab.client import GenParams
 from llmlab.errors import LLMLabError
 from llmlab.reason import prompts
 from llmlab.reason.scorers import make_scorer
-from llmlab.reason.tasks import extract_answer
+from llmlab.reason.tasks import FINAL, extract_answer
 from llmlab.reason.trace import Meter, Result, check_budget
 
 
@@ -65,7 +64,6 @@ class Partial:
         return "".join(self.steps)
 
 
-FINAL = re.compile(r"answer is|####|\\boxed", re.IGNORECASE)
 
 
 def tree_of_thoughts(client, item, breadth: int = 3, beam: int = 2, scorer="likelihood", temperature: float = 0.7,

@@ -13,9 +13,10 @@ import torch
 
 from llmlab.errors import LLMLabError
 
-DETECTORS = ("loglik", "logrank", "entropy", "binoculars")
+DETECTORS = ("loglik", "logrank", "entropy", "binoculars", "curvature")
 # +1: a higher raw score means machine-written; -1: a lower one does
-MACHINE_SIGN = {"loglik": 1, "logrank": -1, "entropy": -1, "binoculars": -1}
+MACHINE_SIGN = {"loglik": 1, "logrank": -1, "entropy": -1, "binoculars": -1, "curvature": 1}
+CURVATURE_PERTURBATIONS = 8  # DetectGPT used 100 with T5 fills; a CPU budget allows a few
 # thresholds on the raw scores for SmolLM2 (fp32, observer = performer). To be the accuracy-maximising cuts on the
 # calibration half of experiments/detect_zero_shot.py's pairs (its scores.json "thresholds"); PROVISIONAL until
 # that run finishes (rough values read off a few pairs)
@@ -57,11 +58,13 @@ def _same_tokenizer(a, b) -> None:
         raise LLMLabError("the observer and the performer must share one tokenizer")
 
 
-def detection_scores(texts: list[str], performer, observer=None, batch_size: int = 8) -> list[dict]:
+def detection_scores(texts: list[str], performer, observer=None, batch_size: int = 8, curvature: int = 0,
+                     seed: int = 0) -> list[dict]:
     """Per text: loglik (mean log p of each token), logrank (mean log rank, 1 = top), entropy (mean entropy
     of the next-token distribution, nats) and binoculars (log-ppl under the performer / cross-perplexity of
     the observer's distributions under the performer). observer=None uses the performer as its own observer,
-    when the cross-perplexity is the mean entropy."""
+    when the cross-perplexity is the mean entropy. curvature=k > 0 adds the DetectGPT-style curvature from k
+    perturbations (see curvature_scores)."""
     observer = observer if observer is not None else performer
     if observer is not performer:
         _same_tokenizer(observer, performer)
@@ -82,9 +85,77 @@ def detection_scores(texts: list[str], performer, observer=None, batch_size: int
             out.append({"loglik": float(chosen.mean()), "logrank": float(rank.float().log().mean()),
                         "entropy": float(entropy.mean()),
                         "binoculars": float(-chosen.mean() / cross.mean()), "n_tokens": n})
+    if curvature:
+        for row, c in zip(out, curvature_scores(texts, performer, curvature, seed=seed, batch_size=batch_size)):
+            row["curvature"] = c
+    return out
+
+
+@torch.inference_mode()
+def curvature_scores(texts: list[str], llm, k: int = CURVATURE_PERTURBATIONS, mask_share: float = 0.15,
+                     span: int = 2, seed: int = 0, batch_size: int = 8) -> list[float]:
+    """DetectGPT's normalised perturbation discrepancy (Mitchell et al. 2023): (log p(x) - mean log p(x~)) / std,
+    over k perturbations x~ of the text. Machine text sits near a local maximum of the model's log-probability, so
+    perturbing it loses more than perturbing human text. DetectGPT masks spans and refills them with T5; a causal
+    model cannot see the words after a span, so here each masked span is refilled by sampling every token from the
+    model's distribution after the original text before it (all from one forward, as Fast-DetectGPT's conditional
+    sampling). k + 1 forwards per text."""
+    if k < 2:
+        raise LLMLabError(f"curvature needs at least 2 perturbations, got {k}")
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for text in texts:
+        row = _ids(llm, text)
+        n = len(row) - 1
+        logits = _logits(llm, [row])[0, :n]
+        probs = torch.softmax(logits, -1)
+        starts = torch.rand(k, n, generator=gen) < mask_share / span
+        masked = starts.clone()
+        for j in range(1, span):
+            masked[:, j:] |= starts[:, :-j]
+        fills = torch.multinomial(probs, k, replacement=True, generator=gen).T  # (k, n): token j refilled at t
+        original = torch.tensor(row[1:])
+        perturbed = [[row[0]] + torch.where(masked[i], fills[i], original).tolist() for i in range(k)]
+        lls = []
+        for start in range(0, k + 1, batch_size):
+            chunk = ([row] + perturbed)[start:start + batch_size]
+            logp = torch.log_softmax(_logits(llm, chunk), -1)
+            targets = torch.tensor([r[1:] for r in chunk])
+            lls += logp.gather(-1, targets[..., None])[..., 0].sum(-1).tolist()
+        base, pert = lls[0], torch.tensor(lls[1:])
+        out.append(float((base - pert.mean()) / pert.std().clamp_min(1e-6)))
     return out
 
 
 def looks_machine(scores: dict, thresholds: dict) -> dict[str, bool]:
     """Per detector with a threshold: whether the text falls on the machine side of it."""
     return {name: (scores[name] - cut) * MACHINE_SIGN[name] > 0 for name, cut in thresholds.items() if name in scores}
+
+
+def audit_section(llm_or_client, budget: str = "small", out_dir=None) -> dict:
+    """AUROC of each zero-shot detector (95% bootstrap intervals) on stdlib docstrings against this model's own
+    continuations of the same openings (small: 16 pairs; full: 120). Needs an in-process model."""
+    import numpy as np
+
+    from llmlab.safety.detect_pairs import make_pairs
+    from llmlab.safety.perplexity import _local_llm
+    from llmlab.safety.stats import auroc, bootstrap_auroc_interval
+    title = "AI-text detection without a watermark"
+    llm = _local_llm(llm_or_client)
+    if llm is None:
+        return {"title": title, "markdown": "Not measured: the detectors need full next-token distributions (an "
+                "in-process model).", "data": {}, "plots": []}
+    n = 16 if budget == "small" else 120
+    pairs = make_pairs(llm, n, max_tokens=48 if budget == "small" else 64, seed=0)
+    human = detection_scores([p["human"] for p in pairs], llm)
+    machine = detection_scores([p["machine"] for p in pairs], llm)
+    rows = []
+    for name in DETECTORS:
+        sign = MACHINE_SIGN[name]
+        m, h = sign * np.array([s[name] for s in machine]), sign * np.array([s[name] for s in human])
+        rows.append({"detector": name, "auroc": auroc(m, h), "ci": bootstrap_auroc_interval(m, h)})
+    lines = [f"{len(pairs)} pairs: Python stdlib docstring paragraphs (human) vs the model's continuations of the same "
+             "32-token openings, cut to the same length.", "", "| detector | AUROC [95% bootstrap] |", "|---|---|"]
+    lines += [f"| {r['detector']} | {r['auroc']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] |" for r in rows]
+    return {"title": title, "markdown": "\n".join(lines) + "\n", "data": {"n_pairs": len(pairs), "auroc": rows},
+            "plots": []}

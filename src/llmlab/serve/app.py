@@ -18,6 +18,8 @@ from llmlab.serve.middleware import BodyLimit, CountRequests, RequireAPIKey
 from llmlab.serve.routes_arena import router as arena_router
 from llmlab.serve.routes_chat import router as chat_router
 from llmlab.serve.routes_completions import router as completions_router
+from llmlab.serve.routes_embeddings import router as embeddings_router
+from llmlab.serve.routes_inspect import router as inspect_router
 from llmlab.serve.routes_misc import router as misc_router
 from llmlab.serve.state import ServerOptions, ServerState
 
@@ -43,7 +45,7 @@ def create_app(llm, options: ServerOptions | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=state.options.max_body_bytes)
     app.add_middleware(CountRequests, metrics=state.metrics)
     app.add_middleware(RequireAPIKey, api_keys=state.options.api_keys, metrics=state.metrics)
-    for router in (misc_router, chat_router, completions_router, arena_router):
+    for router in (misc_router, chat_router, completions_router, embeddings_router, arena_router, inspect_router):
         app.include_router(router)
 
     def openapi() -> dict:

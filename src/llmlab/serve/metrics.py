@@ -39,6 +39,8 @@ class Metrics:
         self.ttft = Histogram()  # seconds from request to first text
         self.itl = Histogram()  # seconds between text pieces of one stream
         self.latency = Histogram()  # seconds from request to last byte
+        # speculative decoding (serve --speculate), summed over requests that ran it
+        self.spec = {"requests": 0, "drafted": 0, "accepted": 0, "verify_steps": 0, "tokens": 0, "turned_off": 0}
 
     def count_request(self, endpoint: str, status: int):
         with self.lock:
@@ -48,6 +50,13 @@ class Metrics:
         with self.lock:
             self.prompt_tokens += prompt
             self.completion_tokens += completion
+
+    def count_speculative(self, stats):
+        """Add one request's llmlab.engine.speculative.SpeculativeStats."""
+        with self.lock:
+            self.spec["requests"] += 1
+            for name in ("drafted", "accepted", "verify_steps", "tokens", "turned_off"):
+                self.spec[name] += getattr(stats, name)
 
     def observe(self, histogram: str, value: float):
         with self.lock:
@@ -69,6 +78,20 @@ class Metrics:
                 ("llmlab_queue_depth", "gauge", "Requests waiting for a batch row.", queue_depth),
                 ("llmlab_busy_rows", "gauge", "Batch rows generating now.", busy_rows),
                 ("llmlab_max_batch", "gauge", "Batch rows in all.", max_batch),
+            ]
+            spec = self.spec
+            scalars += [
+                ("llmlab_speculative_requests_total", "counter", "Requests decoded speculatively.", spec["requests"]),
+                ("llmlab_speculative_drafted_tokens_total", "counter", "Draft tokens proposed.", spec["drafted"]),
+                ("llmlab_speculative_accepted_tokens_total", "counter", "Draft tokens kept.", spec["accepted"]),
+                ("llmlab_speculative_verify_steps_total", "counter", "Target forwards of speculative requests.",
+                 spec["verify_steps"]),
+                ("llmlab_speculative_turned_off_total", "counter",
+                 "Speculative requests that fell back to plain decoding (drafting did not pay).", spec["turned_off"]),
+                ("llmlab_speculative_acceptance_rate", "gauge", "Draft tokens kept per draft token proposed.",
+                 round(spec["accepted"] / spec["drafted"], 6) if spec["drafted"] else 0),
+                ("llmlab_speculative_tokens_per_step", "gauge", "Tokens decided per target forward.",
+                 round(spec["tokens"] / spec["verify_steps"], 6) if spec["verify_steps"] else 0),
             ]
             for name, kind, help_, value in scalars:
                 out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]

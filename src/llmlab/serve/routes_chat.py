@@ -1,5 +1,5 @@
 """POST /v1/chat/completions: a conversation through the chat template, optionally JSON-constrained or calling tools
-(serve/tools.py), streamed or not."""
+(engine/tools.py), streamed or not."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import uuid
 from fastapi import APIRouter, Request as HTTPRequest
 
 from llmlab.engine.constraint import TokenVocab, compile_schema, grammar_constraint_factory
+from llmlab.engine.tools import (ToolCallStream, check_tools, choose_tools, parse_tool_calls, render_messages,
+                                tool_constraint_factory, tool_grammar)
 from llmlab.errors import LLMLabError
 from llmlab.serve import schemas as S
 from llmlab.serve.generation import (STREAM_RESPONSES, StreamChunks, chat_logprobs, relay, sampling_params,
                                      streaming_response, wait_for)
 from llmlab.serve.error_replies import APIError
 from llmlab.serve.state import ServerState
-from llmlab.serve.tools import (ToolCallStream, check_tools, choose_tools, parse_tool_calls, render_messages,
-                                tool_constraint_factory, tool_grammar)
 
 router = APIRouter()
 
@@ -115,7 +115,7 @@ async def chat_completions(body: S.ChatCompletionRequest, http: HTTPRequest):
     def finish() -> dict:
         completion_tokens = sum(s.sampled for s in req.sequences)
         state.log_request("chat", rid, len(prompt_ids), completion_tokens, started, prompt_text)
-        return state.usage(len(prompt_ids), completion_tokens)
+        return state.usage(len(prompt_ids), completion_tokens, [req])
 
     if body.stream:
         chunks = StreamChunks(rid, "chat.completion.chunk", state.options.model_name,

@@ -89,7 +89,7 @@ async def completions(body: S.CompletionRequest, http: HTTPRequest):
         completion_tokens = sum(s.sampled for req, _ in jobs for s in req.sequences)
         prompt_tokens = sum(map(len, prompts))
         state.log_request("completion", rid, prompt_tokens, completion_tokens, started, body.prompt)
-        return state.usage(prompt_tokens, completion_tokens)
+        return state.usage(prompt_tokens, completion_tokens, [req for req, _ in jobs])
 
     if body.stream:
         chunks = StreamChunks(rid, "text_completion", state.options.model_name,

@@ -144,10 +144,21 @@ class CompletionRequest(SamplingFields):
 # ---- responses ------------------------------------------------------------------------------------------------
 
 
+class SpeculativeUsage(BaseModel):
+    """How the drafts did (`llmlab serve --speculate`; absent for requests decoded without drafts)."""
+    drafted_tokens: int
+    accepted_tokens: int
+    acceptance_rate: float
+    verify_steps: int
+    tokens_per_step: float
+    turned_off: bool  # drafting stopped for the rest of the request: measured slower than plain decoding
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    speculative: SpeculativeUsage | None = None
 
 
 class ErrorDetail(BaseModel):

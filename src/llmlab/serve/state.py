@@ -12,6 +12,8 @@ from llmlab.engine.batcher import ContinuousBatcher, Request
 from llmlab.serve.feedback import FeedbackStore
 from llmlab.serve.error_replies import APIError
 from llmlab.serve.metrics import Metrics
+from llmlab.engine.speculative import SpeculativeStats
+from llmlab.serve.speculative import SpeculativeRequest, can_speculate, submit_speculative
 
 log = logging.getLogger("llmlab.serve")
 
@@ -28,6 +30,8 @@ class ServerOptions:
     db: str | None = None  # SQLite file for the web chat's feedback; None: feedback is off
     log_prompts: bool = False  # prompt text in the log (off: only sizes and timings)
     prefix_cache: bool = True
+    speculate: str | None = None  # lookup | self | draft:PATH: n=1 unconstrained requests decode speculatively
+    embedding_model: str | None = None  # served at /v1/embeddings (a name or model directory); None: no embeddings
 
 
 class ServerState:
@@ -43,6 +47,14 @@ class ServerState:
         self.created = int(time.time())
         self.store: FeedbackStore | None = None
         self.json_vocab = None  # token texts for JSON-constrained decoding, built on first use
+        self.speculative = None
+        if options.speculate:
+            from llmlab.engine.speculative import SpeculativeDecoder
+            self.speculative = SpeculativeDecoder(llm.engine, options.speculate)
+        self.embedder = None
+        if options.embedding_model:
+            from llmlab.rag.embed import Embedder
+            self.embedder = Embedder(options.embedding_model)
 
     def open(self):
         self.batcher.start()
@@ -105,6 +117,9 @@ class ServerState:
             except RuntimeError:  # the event loop is gone (server shutting down)
                 pass
 
+        if self.speculative is not None and can_speculate(n, constraint_factory, params):
+            req = SpeculativeRequest(prompt_ids, params, sink, timeout=self.options.request_timeout)
+            return submit_speculative(self.batcher, self.speculative, self.metrics, req), events
         req = self.batcher.submit(Request(prompt_ids=prompt_ids, params=params, sink=sink, n=n,
                                           constraint_factory=constraint_factory,
                                           timeout=self.options.request_timeout))
@@ -123,10 +138,17 @@ class ServerState:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage(self, prompt_tokens: int, completion_tokens: int, requests=()) -> dict:
         self.metrics.count_tokens(prompt_tokens, completion_tokens)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        speculated = [r.stats for r in requests if isinstance(r, SpeculativeRequest)]
+        if speculated:  # an extra field (clients ignore what they do not know): how the drafts did
+            total = SpeculativeStats()
+            for stats in speculated:
+                total.add(stats)
+            usage["speculative"] = total.report()
+        return usage
 
     def log_request(self, kind, rid, prompt_tokens, completion_tokens, started, prompt_text=None):
         extra = f" prompt={prompt_text!r}" if self.options.log_prompts and prompt_text is not None else ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmlab.io import atomic_write_bytes
+from llmlab.speedrun.loop import loop_report
 
 
 def plot_stages(records: dict, png: Path):
@@ -33,7 +34,7 @@ def plot_stages(records: dict, png: Path):
 
 def render_report(s: dict) -> str:
     return "\n".join(header(s) + outcome(s) + settings_and_data(s) + pretraining(s) + knowledge(s)
-                     + post_training(s["post_training"], s["config"]) + stage_times(s))
+                     + post_training(s["post_training"], s["config"]) + loop_report(s.get("loop")) + stage_times(s))
 
 
 def header(s: dict) -> list[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from llmlab.errors import LLMLabError
 from llmlab.io import atomic_write_text
 from llmlab.speedrun.config import AUGMENT, BIOS_PER_PERSON, SpeedrunConfig, preset_config
+from llmlab.speedrun.loop import run_loop
 from llmlab.speedrun.post_training import copy_model, dpo_model, score_checkpoints, sft_model
 from llmlab.speedrun.pretraining import (build_corpus, pretrain_model, pretrain_summary, read_texts,
                                          shuffle_epochs, plan_steps, time_steps,
@@ -82,6 +83,7 @@ class Run:
         world = self.data()
         result, tcfg, mcfg = self.pretrain()
         self.post_train(world)
+        self.summary["loop"] = self.stages.run("loop", run_loop, self.run_dir, self.cfg, world)
         self.summary["pretrain"] |= pretrain_summary(self.run_dir, result, tcfg, mcfg,
                                                      self.summary["pretrain"]["data_tokens"]["train"])
         return self.finish()

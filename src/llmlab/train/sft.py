@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from llmlab.errors import LLMLabError
+from llmlab.model.rope import rope_attention_factor, rotary_tables
 from llmlab.train import distributed as D
 from llmlab.train.chat_data import (IGNORE, RowBatches, check_tokenizer, collate_rows, load_conversations,
                                     render_prompt, to_rows)
@@ -46,9 +47,7 @@ def hidden_states(model, idx: torch.Tensor, compiled: bool = False) -> torch.Ten
     if model.config.pos_embedding == "learned":
         x = x + model.model.embed_positions(input_pos)
     else:
-        freqs = input_pos[..., None].float() * model.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+        rope = rotary_tables(input_pos, model.inv_freq, rope_attention_factor(model.config), x.dtype)
     step = compiled_block if compiled else run_block
     for block in model.model.layers:
         x = step(block, x, rope, input_pos)

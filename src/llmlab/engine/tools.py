@@ -14,7 +14,8 @@ Decoding is constrained by one Lark grammar (llguidance) built from the request'
 of the tools and its arguments are decoded under that tool's JSON schema, so they always parse and validate.
 tool_choice "auto" is the grammar's alternative between plain text (which may not contain "<tool_call>") and
 calls; "required" allows only calls; a named function allows exactly one call of it; "none" adds no grammar and
-does not describe the tools. This module knows nothing of HTTP: bad input raises LLMLabError.
+does not describe the tools. This module knows nothing of HTTP: bad input raises LLMLabError. The server
+(serve/routes_chat.py) and the in-process client (client/local.py, `chat_tools`) both decode calls through it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,324 @@
+"""The native decode step: decode.cpp built on first use for this CPU, and the Python side that feeds it.
+
+`NativeDecoder(model)` packs a Llama-type model's projections in 4-bit groups (8-bit for the output head) and
+runs a whole decode step (embedding, 30 layers, head) in one C++ call over the engine's own KV cache, so
+prefill (PyTorch) and decode (native) share it. The library is compiled with g++ -O3 -march=native -fopenmp
+into $LLMLAB_HOME/native/<key> ($LLMLAB_NATIVE_CACHE/<key> if set), where the key hashes the source, the compiler and the CPU's flags: each CPU
+kind gets its own build (AVX-512 where the CPU has it, else plain loops the compiler vectorises). A failed
+build is logged once and `load_library()` returns None: callers keep the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmlab.checkpoint.registry import cache_dir
+from llmlab.errors import LLMLabError
+from llmlab.model.quant import pack_groups
+
+SOURCE = Path(__file__).with_name("decode.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+ATTN_NAMES, MLP_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
+MAX_NATIVE_ROWS = 8  # a NativeLinear call of more rows (prefill) dequantizes and uses PyTorch's matmul
+
+_library = None
+_tried = False
+
+
+class QMat(ctypes.Structure):
+    _fields_ = [("q", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("out", ctypes.c_int64), ("inp", ctypes.c_int64), ("bits", ctypes.c_int64)]
+
+
+class ModelDesc(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "hidden", "vocab")] + [
+        ("eps", ctypes.c_double), ("embed", ctypes.c_void_p), ("embed_q", ctypes.POINTER(QMat)),
+        ("norm_in", ctypes.c_void_p), ("norm_post", ctypes.c_void_p), ("norm_final", ctypes.c_void_p),
+        ("inv_freq", ctypes.c_void_p)] + [
+        (name, ctypes.POINTER(QMat)) for name in ("wq", "wk", "wv", "wo", "wgate", "wup", "wdown", "head")]
+
+
+def cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def build_key() -> str:
+    """Source, compiler and CPU flags: a build made for one CPU kind is never loaded on another."""
+    compiler = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    text = "\n".join([SOURCE.read_text(), " ".join(FLAGS), *compiler, cpu_flags()])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def library_path() -> Path:
+    """$LLMLAB_NATIVE_CACHE (e.g. an empty directory, to time a cold start), else $LLMLAB_HOME/native."""
+    root = Path(os.environ["LLMLAB_NATIVE_CACHE"]) if os.environ.get("LLMLAB_NATIVE_CACHE") else cache_dir() / "native"
+    return root / build_key() / "llmlab_decode.so"
+
+
+def build(path: Path) -> None:
+    """Compile decode.cpp into path atomically (temp file + rename), so a crash never leaves half a library."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out = Path(tmp) / path.name
+        done = subprocess.run(["g++", *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "g++ failed")
+        os.replace(out, path)
+
+
+def load_library():
+    """The compiled library (built on first use for this CPU), or None with one line on stderr if it cannot be."""
+    global _library, _tried
+    if _tried:
+        return _library
+    _tried = True
+    try:
+        if shutil.which("g++") is None:
+            raise RuntimeError("g++ is not installed")
+        path = library_path()
+        if not path.exists():
+            build(path)
+        lib = ctypes.CDLL(str(path))
+        lib.llmlab_step.restype = None
+        lib.llmlab_step.argtypes = [ctypes.POINTER(ModelDesc), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                    ctypes.c_void_p]
+        lib.llmlab_qmatmul.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+        lib.llmlab_dequantize.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p]
+        lib.omp_set_num_threads.argtypes = [ctypes.c_int]
+        _library = lib
+    except Exception as e:  # any failure means the PyTorch path, never a crash
+        print(f"llmlab: native decode kernel unavailable ({type(e).__name__}: {e}); using the PyTorch path",
+              file=sys.stderr)
+    return _library
+
+
+def threads() -> int:
+    """Threads for the next native call: PyTorch's count, or 1 while the machine is oversubscribed.
+
+    A decode step has ~150 parallel sections; with more runnable processes than cores, each section waits for
+    a descheduled thread (measured here at load 20 on 2 cores: 0.5 s per step with 2 threads, 0.05 s with 1).
+    $LLMLAB_NATIVE_THREADS fixes the count.
+    """
+    fixed = os.environ.get("LLMLAB_NATIVE_THREADS")
+    if fixed:
+        return max(1, int(fixed))
+    n = torch.get_num_threads()
+    return 1 if n > 1 and os.getloadavg()[0] > (os.cpu_count() or 1) + 1 else n
+
+
+def simd() -> str:
+    lib = load_library()
+    return "none" if lib is None else "avx512" if lib.llmlab_simd() == 512 else "scalar"
+
+
+class Packed:
+    """One projection as (q, d, m, bias) tensors and the QMat that points into them (they must stay alive)."""
+
+    def __init__(self, q, d, m, bias, bits: int):
+        # fp16 scales: what GGUF stores (so exact for its Q4_1/Q8_0 tensors), a fifth less to read than fp32
+        self.q, self.d, self.m, self.bits = q.contiguous(), d.half().contiguous(), m.half().contiguous(), bits
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.out_features, self.in_features = self.d.shape[0], self.d.shape[1] * 32
+        self.qmat = QMat(self.q.data_ptr(), self.d.data_ptr(), self.m.data_ptr(),
+                         self.bias.data_ptr() if self.bias is not None else None,
+                         self.out_features, self.in_features, bits)
+
+    def __deepcopy__(self, memo):  # the QMat holds raw pointers: point a copy at copied tensors
+        bias = None if self.bias is None else self.bias.clone()
+        return Packed(self.q.clone(), self.d.clone(), self.m.clone(), bias, self.bits)
+
+    def dequantized(self) -> torch.Tensor:
+        w = torch.empty(self.out_features, self.in_features)
+        lib = load_library()
+        lib.omp_set_num_threads(threads())
+        lib.llmlab_dequantize(ctypes.byref(self.qmat), w.data_ptr())
+        return w
+
+    @classmethod
+    def of(cls, linear: nn.Module, bits: int) -> "Packed":
+        if isinstance(linear, NativeLinear):
+            return linear.packed
+        return cls(*pack_groups(linear.weight, bits), linear.bias, bits)
+
+
+def unsupported_config(cfg) -> str | None:
+    """Why the native step cannot run a model of this config (None when it can)."""
+    rope = (cfg.rope_scaling or {}).get("rope_type", "default")
+    checks = [
+        (cfg.pos_embedding == "rope", "learned positions"), (cfg.norm == "rmsnorm", "LayerNorm"),
+        (cfg.mlp == "swiglu", "a GELU MLP"), (not cfg.n_experts, "mixture-of-experts layers"),
+        (rope in ("default", "linear", "llama3"), f"RoPE scaling {rope!r}"),
+        (cfg.dim % 32 == 0 and cfg.hidden_dim % 32 == 0 and cfg.head_dim % 2 == 0, "widths not multiples of 32"),
+        (cfg.n_heads % cfg.n_kv_heads == 0, "query heads not a multiple of kv heads"),
+    ]
+    for ok, what in checks:
+        if not ok:
+            return f"the native decode step does not support {what}"
+    return None
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the native step cannot run this model (None when it can)."""
+    if model.model.norm.weight.device.type != "cpu":
+        return "the native decode step runs on the CPU; the model is not there"
+    if model.model.norm.weight.dtype != torch.float32:
+        return "the native decode step runs fp32 models"
+    return unsupported_config(model.config)
+
+
+class NativeDecoder:
+    """A decode step in C++: call it as Engine.decode_step is called, (tokens (B, 1), input_pos (B, 1), cache)."""
+
+    def __init__(self, model, bits: int = 4):
+        reason = unsupported_reason(model)
+        if reason:
+            raise LLMLabError(reason)
+        self.lib = load_library()
+        if self.lib is None:
+            raise LLMLabError("the native decode kernel could not be built (see the line above)")
+        cfg, layers = model.config, model.model.layers
+        self.bits, self.vocab, self.n_layers = bits, cfg.vocab_size, cfg.n_layers
+        self.keep = []  # every tensor the C++ side points into
+        self.packed = {}  # projection name -> one Packed per layer
+
+        def packed(name, linears):
+            items = self.packed[name] = [Packed.of(lin, bits) for lin in linears]
+            array = (QMat * len(items))(*[p.qmat for p in items])  # copies of the QMats, same pointers
+            self.keep.append(array)
+            return ctypes.cast(array, ctypes.POINTER(QMat))
+
+        def pointers(tensors):
+            tensors = [t.detach().float().contiguous() for t in tensors]
+            array = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+            self.keep.append((tensors, array))
+            return ctypes.cast(array, ctypes.c_void_p)
+
+        self.head = Packed.of(model.lm_head, 8)
+        embed = model.model.embed_tokens
+        embed_dense = None if isinstance(embed, NativeEmbedding) else embed.weight.detach().float().contiguous()
+        norm_final, inv_freq = model.model.norm.weight.detach().float().contiguous(), model.inv_freq.float().contiguous()
+        self.keep += [embed_dense, norm_final, inv_freq]
+        attn, mlp = [b.self_attn for b in layers], [b.mlp for b in layers]
+        self.desc = ModelDesc(
+            cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_dim, cfg.vocab_size,
+            cfg.norm_eps, embed_dense.data_ptr() if embed_dense is not None else None,
+            ctypes.pointer(embed.packed.qmat) if embed_dense is None else None,
+            pointers([b.input_layernorm.weight for b in layers]),
+            pointers([b.post_attention_layernorm.weight for b in layers]),
+            norm_final.data_ptr(), inv_freq.data_ptr(),
+            *[packed(name, [getattr(a, name) for a in attn]) for name in ATTN_NAMES],
+            *[packed(name, [getattr(m, name) for m in mlp]) for name in MLP_NAMES],
+            ctypes.pointer(self.head.qmat))
+        if embed_dense is None:
+            self.keep.append(embed.packed)
+
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache) -> torch.Tensor:
+        tokens = tokens.reshape(-1).to(torch.long).contiguous()
+        pos = input_pos.reshape(-1).to(torch.long).contiguous()
+        B = tokens.shape[0]
+        k, v = cache.k, cache.v
+        first = k[0]
+        if first.dtype != torch.float32 or first.shape[0] < B or first.stride(3) != 1 or v[0].stride(3) != 1:
+            raise LLMLabError("the native decode step needs an fp32 KV cache with contiguous head dimensions")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab:
+            raise LLMLabError(f"token ids must be in [0, {self.vocab})")
+        if int(pos.min()) < 0 or int(pos.max()) >= first.shape[2]:
+            raise LLMLabError(f"positions must be in [0, {first.shape[2]}) (the KV cache's length)")
+        logits = torch.empty(B, self.vocab)
+        k_ptrs = (ctypes.c_void_p * self.n_layers)(*[t.data_ptr() for t in k])
+        v_ptrs = (ctypes.c_void_p * self.n_layers)(*[t.data_ptr() for t in v])
+        k_strides = (ctypes.c_int64 * 3)(*first.stride()[:3])
+        v_strides = (ctypes.c_int64 * 3)(*v[0].stride()[:3])
+        self.lib.omp_set_num_threads(threads())
+        self.lib.llmlab_step(ctypes.byref(self.desc), tokens.data_ptr(), pos.data_ptr(), B, k_ptrs, v_ptrs,
+                             k_strides, v_strides, logits.data_ptr())
+        return logits
+
+
+class NativeLinear(nn.Module):
+    """A projection that holds only its packed weights: the native kernel for a few rows (decode, short verify
+    steps), the dequantized weight and PyTorch's matmul for more (prefill). Replaces an nn.Linear to free its
+    dense weight; `.weight` still reads as the dense weight, dequantized afresh (writing to it changes nothing)."""
+
+    def __init__(self, packed: Packed):
+        super().__init__()
+        self.packed = packed
+        self.in_features, self.out_features = packed.in_features, packed.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.packed.dequantized()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.packed.bias
+
+    def forward(self, x):
+        rows = x.reshape(-1, self.in_features).float().contiguous()
+        if rows.shape[0] <= MAX_NATIVE_ROWS:
+            y = torch.empty(rows.shape[0], self.out_features)
+            lib = load_library()
+            lib.omp_set_num_threads(threads())
+            lib.llmlab_qmatmul(ctypes.byref(self.packed.qmat), rows.data_ptr(), rows.shape[0], y.data_ptr())
+        else:
+            y = F.linear(rows, self.packed.dequantized(), self.packed.bias)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+class NativeEmbedding(nn.Module):
+    """Token embeddings read from a packed matrix (the tied output head's), dequantized row by row;
+    `.weight` reads as the whole dense matrix, dequantized afresh."""
+
+    def __init__(self, packed: Packed):
+        super().__init__()
+        self.packed = packed
+        self.num_embeddings, self.embedding_dim = packed.out_features, packed.in_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.packed.dequantized()
+
+    def forward(self, idx):
+        q = self.packed.q[idx]
+        if self.packed.bits == 4:  # byte j of a group holds values j (low nibble) and j + 16 (high)
+            q = q.view(*idx.shape, -1, 16)
+            q = torch.cat([q & 15, q >> 4], -1)
+        q = q.float().view(*idx.shape, -1, 32)
+        return (q * self.packed.d[idx].float()[..., None] + self.packed.m[idx].float()[..., None]).flatten(-2)
+
+
+def free_dense_weights(model, decoder: NativeDecoder) -> NativeDecoder:
+    """Replace the model's projections (and a tied embedding) by their packed copies, so only those stay in memory;
+    return the decoder that reads them (nothing is held twice).
+
+    The model still runs in PyTorch (prefill, scoring) through NativeLinear; it can no longer be trained or
+    saved as a dense checkpoint.
+    """
+    for layer, block in enumerate(model.model.layers):
+        for name in ATTN_NAMES:
+            setattr(block.self_attn, name, NativeLinear(decoder.packed[name][layer]))
+        for name in MLP_NAMES:
+            setattr(block.mlp, name, NativeLinear(decoder.packed[name][layer]))
+    if model.lm_head.weight is model.model.embed_tokens.weight:
+        model.model.embed_tokens = NativeEmbedding(decoder.head)
+    model.lm_head = NativeLinear(decoder.head)
+    return NativeDecoder(model, decoder.bits)

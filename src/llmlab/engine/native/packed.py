@@ -1,0 +1,191 @@
+"""Models whose projections exist only in packed 4-/8-bit form: read straight from a GGUF's Q4_0/Q4_1/Q8_0 blocks
+(no fp32 copy is ever made), and saved to / loaded from an HF-layout checkpoint with a `quantization_config`.
+
+The packed layout (llmlab.model.quant.pack_groups) is GGUF's own: per group of 32 inputs an fp16 step d, an
+fp16 minimum m and the 4-bit values two per byte (low nibble j, high nibble j + 16), so Q4_1 blocks split into
+(q, d, m) without arithmetic; Q4_0 is d·(q − 8), i.e. m = −8d; Q8_0 is d·q with q signed, i.e. q + 128 and
+m = −128d. All three are exact.
+
+Quantized checkpoint (config.json's "quantization_config"):
+    {"quant_method": "llmlab", "format": "groups-of-32", "group_size": 32, "bits": 4, "lm_head_bits": 8}
+and in model.safetensors, for every packed projection P (e.g. model.layers.0.self_attn.q_proj, lm_head):
+    P.qweight  uint8 (out, in/2) for 4 bits (byte j of a group: q[j] | q[j+16] << 4), (out, in) for 8 bits
+    P.scales   fp16 (out, in/32)      P.mins  fp16 (out, in/32)      P.bias  fp32 (out,), if any
+    weight = scales·q + mins per group; "bits" per projection is the width of qweight (in/2 or in).
+Norms (and an untied embedding) stay as ordinary fp32 tensors; a tied embedding is read from lm_head's rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmlab.checkpoint.gguf import LAYER, TENSOR_NAMES, dequantize, open_gguf, read_config, unpermute_rope
+from llmlab.checkpoint.gguf import tokenizer_from_gguf
+from llmlab.checkpoint.hf import build_model, parse_dtype, read_safetensors, safetensors_files, write_checkpoint_dir
+from llmlab.engine.native import NativeEmbedding, NativeLinear, Packed, unsupported_config
+from llmlab.errors import LLMLabError
+from llmlab.model.config import ModelConfig
+from llmlab.model.quant import pack_groups, unpack_groups
+from llmlab.model.transformer import Transformer, rope_inv_freq
+
+QUANT_METHOD = "llmlab"
+EXACT_TYPES = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+DENSE_TYPES = {"F32", "F16", "BF16"}
+
+
+def build_packed_model(cfg: ModelConfig, dense: dict[str, torch.Tensor], packed: dict[str, Packed]) -> Transformer:
+    """A Transformer whose projections are NativeLinear over `packed` (keyed by module name: lm_head,
+    model.layers.0.self_attn.q_proj, ...) and whose other weights are `dense` (norms, an untied embedding)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    for name, p in packed.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, NativeLinear(p))
+    if cfg.tie_embeddings:
+        model.model.embed_tokens = NativeEmbedding(packed["lm_head"])
+    model.load_state_dict({k: v.float() for k, v in dense.items()}, strict=False, assign=True)
+    model.inv_freq = rope_inv_freq(cfg)
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        raise LLMLabError(f"weights missing from the checkpoint: {missing[:3]}")
+    return model.eval()
+
+
+def gguf_packed(tensor, bits_if_converted: int) -> tuple[Packed, bool]:
+    """(packed tensor, exact?) for one GGUF weight: Q4_0/Q4_1/Q8_0 blocks split as they are, others re-packed."""
+    kind = tensor.tensor_type.name
+    out_features, in_features = (int(n) for n in reversed(tensor.shape))
+    if kind not in EXACT_TYPES:
+        return Packed(*pack_groups(dequantize(tensor), bits_if_converted), None, bits_if_converted), False
+    groups = in_features // 32
+    block = torch.from_numpy(np.array(tensor.data, dtype=np.uint8)).reshape(out_features, groups, -1)
+    d = block[..., 0:2].contiguous().view(torch.float16).reshape(out_features, groups)
+    if kind == "Q4_1":
+        m = block[..., 2:4].contiguous().view(torch.float16).reshape(out_features, groups)
+        q = block[..., 4:]
+    elif kind == "Q4_0":
+        m, q = -8 * d, block[..., 2:]
+    else:  # Q8_0: signed bytes
+        m, q = -128 * d, (block[..., 2:].view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
+    q = q.reshape(out_features, -1).contiguous()
+    return Packed(q, d, m, None, EXACT_TYPES[kind]), True
+
+
+def load_gguf_packed(path: str | Path):
+    """(model, tokenizer, description) for a llama GGUF whose projections are quantized, reading them packed;
+    None when they are stored dense (F32/F16/BF16) or the model is one the native step cannot run."""
+    reader = open_gguf(path)
+    cfg = read_config(reader, path)
+    types = {t.tensor_type.name for t in reader.tensors if LAYER.match(t.name) and t.name.endswith(".weight")
+             and "norm" not in t.name}
+    if not types or types & DENSE_TYPES or unsupported_config(cfg):
+        return None
+    dense, packed, exact = {}, {}, True
+    for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":  # folded into cfg.rope_scaling
+            continue
+        m = LAYER.match(tensor.name)
+        key = LAYER.sub("blk.{}.", tensor.name) if m else tensor.name
+        if key not in TENSOR_NAMES:
+            raise LLMLabError(f"{path}: unsupported GGUF tensor {tensor.name!r}")
+        name = TENSOR_NAMES[key].format(m.group(1)) if m else TENSOR_NAMES[key]
+        is_head = name in ("lm_head.weight", "model.embed_tokens.weight")
+        if not (m and name.endswith("_proj.weight")) and not (is_head and (cfg.tie_embeddings or name == "lm_head.weight")):
+            w = dequantize(tensor)
+            if key.startswith(("blk.{}.attn_q.", "blk.{}.attn_k.")):  # biases of q and k
+                w = unpermute_rope(w, cfg.n_heads if ".attn_q." in key else cfg.n_kv_heads)
+            dense[name] = w
+            continue
+        # projections keep 4 bits where converted from another 4-bit type, the head 8 (4 change predictions)
+        p, was_exact = gguf_packed(tensor, 8 if is_head or not tensor.tensor_type.name.startswith(("Q4", "IQ4"))
+                                   else 4)
+        exact &= was_exact
+        if key.startswith(("blk.{}.attn_q.", "blk.{}.attn_k.")):
+            heads = cfg.n_heads if ".attn_q." in key else cfg.n_kv_heads
+            p = Packed(unpermute_rope(p.q, heads), unpermute_rope(p.d, heads), unpermute_rope(p.m, heads), None, p.bits)
+        packed["lm_head" if is_head else name.removesuffix(".weight")] = p
+    for name in [k for k in dense if k.endswith("_proj.bias")]:
+        owner = packed[name.removesuffix(".bias")]
+        packed[name.removesuffix(".bias")] = Packed(owner.q, owner.d, owner.m, dense.pop(name), owner.bits)
+    model = build_packed_model(cfg, dense, packed)
+    kinds = "/".join(sorted(types))
+    what = f"the file's own {kinds} weights ({'exact' if exact else 're-packed in groups of 32: approximate'})"
+    return model, tokenizer_from_gguf(reader), what
+
+
+# ---- quantized HF checkpoints ---------------------------------------------------------------------------------
+
+
+def quantization_config(path: str | Path) -> dict | None:
+    """The llmlab quantization_config of a checkpoint directory, or None for a dense one."""
+    config = Path(path) / "config.json"
+    if not (Path(path).is_dir() and config.is_file()):
+        return None
+    qc = json.loads(config.read_text()).get("quantization_config")
+    if qc is None:
+        return None
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise LLMLabError(f"{path}: quantization {qc.get('quant_method')!r} is not supported (llmlab reads its own "
+                          f"{QUANT_METHOD!r} checkpoints)")
+    return qc
+
+
+def save_quantized(model, path: str | Path, tokenizer=None, generation_config: dict | None = None) -> Path:
+    """Write a packed model (llmlab.load of a 4-bit GGUF, or free_dense_weights) as an HF-layout directory."""
+    cfg = model.config
+    tensors, bits = {}, set()
+    for name, module in model.named_modules():
+        if isinstance(module, NativeLinear):
+            p = module.packed
+            tensors.update({f"{name}.qweight": p.q, f"{name}.scales": p.d, f"{name}.mins": p.m})
+            if p.bias is not None:
+                tensors[f"{name}.bias"] = p.bias
+            if name != "lm_head":
+                bits.add(p.bits)
+    if not tensors:
+        raise LLMLabError("this model holds no packed weights: load a 4-bit checkpoint (or free_dense_weights) first")
+    for name, t in model.state_dict().items():
+        tensors[name] = t.detach().float()
+    hf = cfg.to_hf()
+    hf["torch_dtype"] = "float32"
+    hf["quantization_config"] = {"quant_method": QUANT_METHOD, "format": "groups-of-32", "group_size": 32,
+                                 "bits": max(bits), "lm_head_bits": model.lm_head.packed.bits}
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+    gen.update(generation_config or {})
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    return write_checkpoint_dir(path, tensors, hf, tokenizer, {"generation_config.json": gen})
+
+
+def load_quantized(path: str | Path) -> Transformer:
+    """The packed model of a checkpoint written by save_quantized."""
+    path = Path(path)
+    quantization_config(path)
+    cfg = ModelConfig.load(path)
+    sd = read_safetensors(safetensors_files(path))
+    packed, dense = {}, {}
+    for name in [k for k in sd if k.endswith(".qweight")]:
+        module = name.removesuffix(".qweight")
+        q, d, m = sd.pop(name), sd.pop(f"{module}.scales"), sd.pop(f"{module}.mins")
+        bits = 4 if q.shape[1] * 2 == d.shape[1] * 32 else 8
+        packed[module] = Packed(q, d, m, sd.pop(f"{module}.bias", None), bits)
+    dense.update(sd)
+    return build_packed_model(cfg, dense, packed)
+
+
+def load_quantized_dense(path: str | Path, dtype=None) -> Transformer:
+    """A quantized checkpoint's weights dequantized into an ordinary dense model (for --exact, --int4, training)."""
+    path = Path(path)
+    quantization_config(path)
+    cfg = ModelConfig.load(path)
+    sd = read_safetensors(safetensors_files(path))
+    for name in [k for k in sd if k.endswith(".qweight")]:
+        module = name.removesuffix(".qweight")
+        q, d, m = sd.pop(name), sd.pop(f"{module}.scales"), sd.pop(f"{module}.mins")
+        sd[f"{module}.weight"] = unpack_groups(q, d, m, 4 if q.shape[1] * 2 == d.shape[1] * 32 else 8)
+    if cfg.tie_embeddings:
+        sd["model.embed_tokens.weight"] = sd.pop("lm_head.weight")
+    return build_model(cfg, sd, parse_dtype(dtype), source=str(path))

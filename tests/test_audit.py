@@ -1,0 +1,44 @@
+"""`llmlab audit`: the card (markdown + JSON + plots) on a tiny model, every rate with its interval, and a missing
+section module listed as skipped rather than dropped."""
+
+import json
+
+from llmlab.cli.main import main
+from llmlab.client import connect
+from llmlab.safety.audit import module_section
+
+
+def _rates(node, path=""):
+    """Every dict in the card that holds a rate, with where it is."""
+    if isinstance(node, dict):
+        if "rate" in node and "n" in node:
+            yield path, node
+        for k, v in node.items():
+            yield from _rates(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _rates(v, f"{path}[{i}]")
+
+
+def test_audit_card_on_a_tiny_model(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "card"
+    assert main(["audit", str(tiny_ckpt), "--sections", "judge,extraction,hallucination", "--out",
+                 str(out)]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert [s["name"] for s in card["sections"]] == ["judge", "extraction", "hallucination"]  # in the order asked
+    assert all(s["status"] == "ok" for s in card["sections"]), [s["markdown"] for s in card["sections"]]
+    rates = list(_rates(card))
+    assert len(rates) > 8
+    for where, r in rates:  # no safety number without its interval
+        assert r["n"] == 0 or (r["ci95"][0] <= r["rate"] <= r["ci95"][1]), where
+    md = (out / "card.md").read_text()
+    assert md.startswith("# Safety audit: ") and f"llmlab audit {tiny_ckpt} --budget small" in md
+    for s in card["sections"]:
+        for plot in s["plots"]:
+            assert (out / plot).stat().st_size > 1000 and f"]({plot})" in md
+    assert "Cohen's kappa" in md and "leak rate" in md
+
+
+def test_a_missing_section_module_is_reported(tiny_ckpt, tmp_path):
+    section = module_section("no_such_module", connect(model=str(tiny_ckpt)), "small", tmp_path)
+    assert section["status"] == "skipped" and "could not be imported" in section["markdown"]

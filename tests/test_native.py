@@ -1,0 +1,197 @@
+"""The native decode step (llmlab.engine.native): the PyTorch model's logits and cache on the same weights,
+ragged batches and the batcher's cache views, freed dense weights, and the default path on the real SmolLM2."""
+
+import copy
+
+import pytest
+import torch
+
+from llmlab.engine import Engine, SamplingParams
+from llmlab.engine.batcher import cache_view
+from llmlab.engine.native import NativeDecoder, NativeLinear, free_dense_weights, load_library
+from llmlab.model import ModelConfig, Transformer
+from llmlab.model.quant import pack_groups, unpack_groups
+from helpers import ByteTokenizer
+
+pytestmark = pytest.mark.skipif(load_library() is None, reason="the native kernel did not build here (no g++?)")
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():
+        yield
+
+
+def on_grid(model):
+    """Round every projection onto the 4-bit grid and the head onto the 8-bit one (what the kernel packs), so
+    the native step and PyTorch compute with the very same weights and differ only by rounding order."""
+    for block in model.model.layers:
+        for lin in [block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj, block.self_attn.o_proj,
+                    block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj]:
+            lin.weight.copy_(unpack_groups(*pack_groups(lin.weight, 4), bits=4))
+    model.lm_head.weight.copy_(unpack_groups(*pack_groups(model.lm_head.weight, 8), bits=8))
+    return model
+
+
+def tiny_model(**overrides):
+    cfg = ModelConfig(**{**dict(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                                max_seq_len=128), **overrides})
+    model = Transformer(cfg).init_weights(seed=3).eval()
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):  # zero after init: make them count
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    return on_grid(model)
+
+
+def test_packing_is_exact_for_q4_1_and_q8_0_weights():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (8, 4, 32), generator=g).float()
+    q[..., 0], q[..., 5] = 0, 15  # Q4_1's min/max quantization puts 0 and 15 in every group
+    # GGUF's scales and minima are fp16 numbers
+    d = (torch.rand(8, 4, 1, generator=g) * 0.01 + 1e-3).half().float()
+    m = (torch.randn(8, 4, 1, generator=g) * 0.02).half().float()
+    w = (d * q + m).reshape(8, 128)
+    # min/max finds the same q, d and m back (d after fp32 rounding, which its fp16 rounding undoes)
+    assert torch.allclose(unpack_groups(*pack_groups(w, 4), bits=4), w, rtol=0, atol=1e-7)
+    q8 = torch.randint(-127, 128, (8, 4, 32), generator=g).float()
+    q8[..., 0] = 127
+    w8 = (d * q8).reshape(8, 128)
+    assert torch.allclose(unpack_groups(*pack_groups(w8, 8), bits=8), w8, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qkv_bias": True, "tie_embeddings": True, "n_kv_heads": 4}])
+def test_native_steps_match_pytorch_on_a_ragged_batch(overrides):
+    model = tiny_model(**overrides)
+    native = NativeDecoder(model)
+    prompts = [[5, 6, 7, 8, 9], [1, 2], [40, 41, 42, 43, 44, 45, 46]]
+    caches = []
+    for _ in range(2):
+        cache = model.new_cache(3, 32)
+        for row, p in enumerate(prompts):
+            one = model.new_cache(1, len(p))
+            model(torch.tensor([p]), torch.arange(len(p))[None], one)
+            cache.copy_row(row, one, length=len(p))
+        caches.append(cache)
+    pos = torch.tensor([[len(p)] for p in prompts])
+    tokens = torch.tensor([[3], [4], [5]])
+    for _ in range(6):
+        want = model(tokens, input_pos=pos, kv_cache=caches[0])[:, -1]
+        got = native(tokens, pos, caches[1])
+        # same weights, same fp32 arithmetic in another order: differences are fp32 rounding (~1e-6 here)
+        assert (got - want).abs().max() < 1e-4 * want.abs().max()
+        for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+            assert torch.allclose(a, b, atol=1e-5)
+        tokens, pos = want.argmax(-1, keepdim=True), pos + 1
+
+
+def test_native_step_reads_the_batchers_cache_views():
+    model = tiny_model()
+    native = NativeDecoder(model)
+    full = model.new_cache(4, 64)
+    for t in full.k + full.v:
+        t.normal_()
+    twin = copy.deepcopy(full)
+    tokens, pos = torch.tensor([[7], [8]]), torch.tensor([[20], [3]])
+    # the batcher decodes only its busy rows over a prefix of the slots: views, not copies
+    from_view = native(tokens, pos, cache_view(full, 2, 32))
+    want = model(tokens, input_pos=pos, kv_cache=cache_view(twin, 2, 32))[:, -1]
+    assert (from_view - want).abs().max() < 1e-4 * want.abs().max()
+    assert torch.allclose(full.k[1], twin.k[1], atol=1e-5)  # written in place, in the big cache
+
+
+def test_engine_with_the_native_step_generates_what_pytorch_does():
+    model = tiny_model()
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    want = Engine(model, ByteTokenizer()).generate([[1, 2, 3], [9, 8, 7, 6]], params)
+    got = Engine(model, ByteTokenizer(), native_step=NativeDecoder(model)).generate([[1, 2, 3], [9, 8, 7, 6]], params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+
+
+def test_freeing_dense_weights_keeps_prefill_decode_and_weight_reads():
+    model = tiny_model(tie_embeddings=True)  # the tied matrix is on the 8-bit grid: one packed matrix afterwards
+    prompt = torch.tensor([list(range(10, 30))])  # 20 rows: prefill dequantizes and uses PyTorch's matmul
+    dense_logits = model(prompt)
+    q_weight = model.model.layers[0].self_attn.q_proj.weight.clone()
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    want = Engine(model, ByteTokenizer()).generate([[1, 2, 3]], params)[0].token_ids
+    decoder = free_dense_weights(model, NativeDecoder(model))
+    assert isinstance(model.model.layers[0].self_attn.q_proj, NativeLinear)
+    assert sum(p.numel() for p in model.parameters()) < 1000  # only the norms are left dense
+    assert torch.allclose(model.model.layers[0].self_attn.q_proj.weight, q_weight, atol=1e-6)
+    assert (model(prompt) - dense_logits).abs().max() < 1e-4 * dense_logits.abs().max()
+    got = Engine(model, ByteTokenizer(), native_step=decoder).generate([[1, 2, 3]], params)[0].token_ids
+    assert got == want
+    copy.deepcopy(model)(prompt[:, :3])  # a copy (e.g. for a draft model) owns working packed weights
+
+
+@pytest.fixture(scope="module")
+def packed(smollm2_gguf):
+    """llmlab.load("smollm2") with no options: read packed from the Q4_1 file, decoded natively; and its line."""
+    import contextlib
+    import io
+
+    import llmlab
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        llm = llmlab.load("smollm2")
+    return llm, err.getvalue().strip().splitlines()[-1]
+
+
+def test_load_chooses_the_native_kernel_for_a_4_bit_gguf_and_says_so(packed, smollm2):
+    llm, line = packed
+    assert line.startswith("llmlab: native decode kernel") and "Q4_1" in line and "(exact)" in line
+    assert llm.engine.native_step is not None and smollm2.engine.native_step is None  # the fixture is exact=True
+    assert not any(p.numel() > 10_000 for p in llm.model.parameters())  # no dense matrix at all: only norms
+    assert llm.info()["parameters"] == smollm2.info()["parameters"]
+    assert llm.info()["weights_bytes"] < smollm2.info()["weights_bytes"] / 4
+
+
+def test_smollm2_native_logits_and_greedy_text_match_the_fp32_model(packed, smollm2):
+    """The real Q4_1 file: its 4-bit blocks and Q8_0 embedding are the native kernel's own layout, so it
+    computes with the fp32 model's very weights; only the order of fp32 sums differs."""
+    llm, _ = packed
+    ids = smollm2.tokenizer.encode("The printing press spread across Europe in the fifteenth century. Books became")
+    caches = [smollm2.model.new_cache(1, len(ids) + 8) for _ in range(2)]
+    for model, cache in zip([smollm2.model, llm.model], caches):  # prefill: PyTorch, dense / dequantized per call
+        model(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1)[None], cache)
+    assert torch.allclose(caches[0].k[29], caches[1].k[29], atol=1e-3)
+    token, pos = torch.tensor([[ids[-1]]]), torch.tensor([[len(ids) - 1]])
+    for _ in range(6):
+        want = smollm2.model(token, input_pos=pos, kv_cache=caches[0])[:, -1]
+        got = llm.engine.decode_step(token, pos, caches[1])
+        # measured ~1e-4 on logits of magnitude ~20: fp32 rounding through 30 layers
+        assert (got - want).abs().max() < 2e-3 * want.abs().max()
+        token, pos = want.argmax(-1, keepdim=True), pos + 1
+    for prompt in ["What is the capital of France?", "Write a haiku about the sea."]:
+        params = dict(max_new_tokens=16, temperature=0)
+        assert llm.generate(prompt, **params) == smollm2.generate(prompt, **params)
+
+
+def test_a_quantized_checkpoint_saves_and_loads_packed(packed, tmp_path, capsys):
+    import json
+
+    import llmlab
+
+    llm, _ = packed
+    out = llm.save_quantized(tmp_path / "q4")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc == {"quant_method": "llmlab", "format": "groups-of-32", "group_size": 32, "bits": 4, "lm_head_bits": 8}
+    again = llmlab.load(out)
+    assert "native decode kernel" in capsys.readouterr().err.splitlines()[-1]
+    params = dict(max_new_tokens=12, temperature=0)
+    assert again.generate("Name a fruit.", **params) == llm.generate("Name a fruit.", **params)
+    dense = llmlab.load(out, exact=True)  # dequantized into an ordinary model: the same weights
+    q = again.model.model.layers[3].mlp.down_proj.weight
+    assert torch.allclose(dense.model.model.layers[3].mlp.down_proj.weight, q, atol=1e-6)
+
+
+def test_a_packed_model_can_still_get_pytorch_4_bit_copies():
+    """What self-speculation does to the target (llmlab.engine.draft.self_drafter): deepcopy + quantize_int4."""
+    from llmlab.model.quant import quantize_int4
+
+    model = tiny_model()
+    free_dense_weights(model, NativeDecoder(model))
+    draft = quantize_int4(copy.deepcopy(model))
+    out = Engine(draft, ByteTokenizer()).generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, temperature=0))
+    assert len(out[0].token_ids) == 4
