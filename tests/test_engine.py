@@ -457,3 +457,27 @@ def test_beam_honours_the_repetition_penalty(engine):
     out = engine.beam_search(PROMPT, 2, greedy(max_new_tokens=40, stop_token_ids=set(), repetition_penalty=1e6))[0]
     assert len(set(PROMPT + out.token_ids)) == len(PROMPT) + len(out.token_ids)
     assert out.logprobs == pytest.approx(engine.logprobs(PROMPT, out.token_ids), abs=1e-4)  # raw logprobs
+
+
+def test_top_p_by_candidates_equals_the_full_sort_and_draw_follows_the_distribution():
+    """top_p_filter ranks a few hundred candidates before it sorts the vocabulary: the kept set must be the full
+    sort's, for peaked rows (nucleus inside the candidates) and flat ones (the fallback). draw (inverse transform)
+    must sample the given distribution and never a token of probability 0."""
+    from llmlab.engine.sampling import draw, top_p_filter
+
+    def by_full_sort(logits, p):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop_sorted = probs.cumsum(dim=-1) - probs >= p
+        return logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.cat([torch.randn(3, 5000, generator=g) * 8, torch.randn(3, 5000, generator=g) * 0.5])
+    for p in (0.5, 0.9):
+        kept, reference = top_p_filter(logits, p).isfinite(), by_full_sort(logits, p).isfinite()
+        # rows may differ only by a token whose mass sits within float rounding of the boundary
+        assert (kept != reference).sum() <= 2 and kept.sum() > 0
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2]])
+    draws = torch.cat([draw(probs, g) for _ in range(4000)])
+    counts = torch.bincount(draws, minlength=4).float() / 4000
+    assert counts[1] == 0 and (counts - probs[0]).abs().max() < 0.03
