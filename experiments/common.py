@@ -33,8 +33,14 @@ def bar_plot(path: str | Path, labels: list[str], series: dict[str, list[float]]
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.legend()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path, **savefig_options):
+    """Lay out, write and close a matplotlib figure: to a temp file, then renamed, so a plot is never half-written."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    fig.savefig(tmp, **savefig_options)
     plt.close(fig)
     tmp.replace(path)

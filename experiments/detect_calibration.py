@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_results  # noqa: E402
+from common import save_figure, write_results  # noqa: E402
 
 from llmlab.client import connect  # noqa: E402
 from llmlab.safety.hallucination import mc_calibration  # noqa: E402
@@ -32,11 +32,7 @@ def reliability_diagram(path: Path, result: dict):
     ax.set_ylabel("accuracy")
     ax.set_title(f"{result['task']}: ECE {result['ece']:.3f} (n={result['n']})")
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main():

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_results  # noqa: E402
+from common import save_figure, write_results  # noqa: E402
 
 import llmlab  # noqa: E402
 from llmlab.io import atomic_write_text  # noqa: E402
@@ -112,11 +112,7 @@ def plot(path: Path, rows, human, machine, detectors):
         ax.set_title(name)
     axes[1].legend(fontsize=7)
     fig.suptitle("Zero-shot detection with SmolLM2-135M itself")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

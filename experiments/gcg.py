@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_results  # noqa: E402
+from common import save_figure, write_results  # noqa: E402
 
 import llmlab  # noqa: E402
 from llmlab.io import atomic_write_text  # noqa: E402
@@ -96,11 +96,7 @@ def plot(path: Path, results):
     ax.set_ylabel("target loss (mean cross-entropy)")
     ax.set_title("GCG on SmolLM2-135M-Instruct")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import save_figure  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "long_context"
 PAPER = "Self-Extend (Jin et al. 2024): Llama-2-7B-chat retrieves the passkey at every depth up to 16k (4x) with it, none past 4k without"
@@ -100,11 +104,7 @@ def plot(path: Path, rows, lengths, depths):
         ax.set_title(m)
         ax.set_xlabel("haystack tokens")
     axes[0][0].set_ylabel("needle depth")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_results  # noqa: E402
+from common import save_figure, write_results  # noqa: E402
 
 # Liu et al.'s instruction (their Figure 2), with the passages as numbered documents
 PROMPT = ("Write a high-quality answer for the given question using only the provided search results (some of which "
@@ -77,11 +77,7 @@ def plot(path: Path, rows: list[dict], k: int, n: int):
     ax.set_ylim(0, 1)
     ax.set_title(f"Lost in the middle, bios world (n={n} per point, 95% Wilson)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main():

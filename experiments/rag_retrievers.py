@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_results  # noqa: E402
+from common import save_figure, write_results  # noqa: E402
 
 METHODS = ("bm25", "dense", "hybrid")
 # (module, question in other words than its docstring): written by hand for this experiment
@@ -156,11 +156,7 @@ def plot(path: Path, rows: list[dict], metric: str = "mrr"):
     ax.set_ylim(0, 1.05)
     ax.set_title("BM25 vs dense (all-MiniLM-L6-v2) vs hybrid (RRF, k=60); 95% bootstrap")
     ax.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main():

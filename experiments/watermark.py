@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_results  # noqa: E402
+from common import save_figure, write_results  # noqa: E402
 
 import llmlab  # noqa: E402
 from llmlab.client import GenParams, LocalClient  # noqa: E402
@@ -125,11 +125,7 @@ def plot_length(path: Path, rows: list[dict]):
     ax.set_ylabel("mean z")
     ax.set_title("Watermark z vs length (SmolLM2, gamma 0.25, delta 2)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

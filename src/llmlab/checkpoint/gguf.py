@@ -284,6 +284,15 @@ def _pre_tokenizer(pre: str):
 
 # ---- the model ----------------------------------------------------------------------
 
+def tensor_names(tensor, path) -> tuple[str, str]:
+    """(llama.cpp's name with the layer number as {}, llmlab's parameter name) of a GGUF tensor."""
+    m = LAYER.match(tensor.name)
+    key = LAYER.sub("blk.{}.", tensor.name) if m else tensor.name
+    if key not in TENSOR_NAMES:
+        raise LLMLabError(f"{path}: unsupported GGUF tensor {tensor.name!r}")
+    return key, TENSOR_NAMES[key].format(m.group(1)) if m else TENSOR_NAMES[key]
+
+
 def read_gguf(path: str | Path, reader=None) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """The config, float32 state dict (llmlab names; no lm_head when tied) and tokenizer of a llama GGUF."""
     reader = reader or open_gguf(path)
@@ -292,11 +301,7 @@ def read_gguf(path: str | Path, reader=None) -> tuple[ModelConfig, dict[str, tor
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":  # folded into cfg.rope_scaling
             continue
-        m = LAYER.match(tensor.name)
-        key = LAYER.sub("blk.{}.", tensor.name) if m else tensor.name
-        if key not in TENSOR_NAMES:
-            raise LLMLabError(f"{path}: unsupported GGUF tensor {tensor.name!r}")
-        name = TENSOR_NAMES[key].format(m.group(1)) if m else TENSOR_NAMES[key]
+        key, name = tensor_names(tensor, path)
         w = dequantize(tensor)
         if key.startswith(("blk.{}.attn_q.", "blk.{}.attn_k.")):
             w = unpermute_rope(w, cfg.n_heads if ".attn_q." in key else cfg.n_kv_heads)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmlab.checkpoint.gguf import LAYER, TENSOR_NAMES, dequantize, open_gguf, read_config, unpermute_rope
+from llmlab.checkpoint.gguf import LAYER, dequantize, open_gguf, read_config, tensor_names, unpermute_rope
 from llmlab.checkpoint.gguf import tokenizer_from_gguf
 from llmlab.checkpoint.hf import build_model, parse_dtype, read_safetensors, safetensors_files, write_checkpoint_dir
 from llmlab.engine.native import NativeEmbedding, NativeLinear, Packed, unsupported_config
@@ -88,13 +88,10 @@ def load_gguf_packed(path: str | Path):
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":  # folded into cfg.rope_scaling
             continue
-        m = LAYER.match(tensor.name)
-        key = LAYER.sub("blk.{}.", tensor.name) if m else tensor.name
-        if key not in TENSOR_NAMES:
-            raise LLMLabError(f"{path}: unsupported GGUF tensor {tensor.name!r}")
-        name = TENSOR_NAMES[key].format(m.group(1)) if m else TENSOR_NAMES[key]
+        key, name = tensor_names(tensor, path)
+        in_layer = key.startswith("blk.{}.")
         is_head = name in ("lm_head.weight", "model.embed_tokens.weight")
-        if not (m and name.endswith("_proj.weight")) and not (is_head and (cfg.tie_embeddings or name == "lm_head.weight")):
+        if not (in_layer and name.endswith("_proj.weight")) and not (is_head and (cfg.tie_embeddings or name == "lm_head.weight")):
             w = dequantize(tensor)
             if key.startswith(("blk.{}.attn_q.", "blk.{}.attn_k.")):  # biases of q and k
                 w = unpermute_rope(w, cfg.n_heads if ".attn_q." in key else cfg.n_kv_heads)
