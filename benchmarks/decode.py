@@ -40,6 +40,22 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak_rss() -> bool:
+    """Restart this process's high-water mark (Linux: /proc/self/clear_refs), so VmHWM measures from here on."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def hwm_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def timed(fn, repeat=3):
     best = float("inf")
     for _ in range(repeat):
@@ -70,10 +86,18 @@ def run_llmlab(gguf, n_prompt, n_new, mode):
     params = SamplingParams(max_new_tokens=n_new, temperature=0, ignore_eos=True)
     engine.generate([ids], SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))  # warm-up/compile
     start = time.perf_counter() - t_start  # a fresh process to its first tokens: import, load, build/compile
+    decode_rss = reset_peak_rss()  # from here on: the peak while prefilling and decoding, without loading's
     prefill = timed(lambda: engine.prefill(ids))
     total = timed(lambda: engine.generate([ids], params), repeat=2)
     out = engine.generate([ids], params)[0].token_ids
-    return dict(prefill_s=prefill, decode_s=total - prefill, start_s=start, tokens=out)
+    return dict(prefill_s=prefill, decode_s=total - prefill, start_s=start, tokens=out,
+                decode_rss_mib=hwm_mib() if decode_rss else None)
+
+
+def run_llmlab_fp32_activations(a):
+    """The default path with the native kernel's int8 activations off (decode.cpp reads $LLMLAB_NATIVE_INT8 at load)."""
+    os.environ["LLMLAB_NATIVE_INT8"] = "0"
+    return run_llmlab(a.gguf, a.prompt_tokens, a.new_tokens, "default")
 
 
 def run_transformers(gguf, n_prompt, n_new, dtype):
@@ -125,6 +149,7 @@ def run_llama_cpp(gguf, n_prompt, n_new):
 ENGINES = {
     "llmlab default": lambda a: run_llmlab(a.gguf, a.prompt_tokens, a.new_tokens, "default"),
     "llmlab exact": lambda a: run_llmlab(a.gguf, a.prompt_tokens, a.new_tokens, "exact"),
+    "llmlab default fp32 activations": run_llmlab_fp32_activations,  # A/B for the int8 kernels (not by default)
     "llmlab int4 compiled": lambda a: run_llmlab(a.gguf, a.prompt_tokens, a.new_tokens, "int4 compiled"),
     "transformers fp32": lambda a: run_transformers(a.gguf, a.prompt_tokens, a.new_tokens, "float32"),
     "llama-bench": lambda a: run_llama_bench(a.gguf, a.prompt_tokens, a.new_tokens, a.threads),
@@ -206,19 +231,20 @@ def main():
         table[name] = dict(prefill_tok_s=args.prompt_tokens / min(x["prefill_s"] for x in rs),
                            decode_tok_s=(args.new_tokens - 1) / min(x["decode_s"] for x in rs),
                            peak_rss_mib=max(x["peak_rss_mib"] for x in rs), cold_start_s=cold.get(name),
+                           decode_rss_mib=max((x.get("decode_rss_mib") or x["peak_rss_mib"]) for x in rs),
                            warm_start_s=min(warm) if warm else None, tokens=rs[0]["tokens"])
     ref = table.get("llama-bench")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     print(f"\nSmolLM2-135M Q4_1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, batch 1, greedy, "
           f"{args.threads} threads, {os.cpu_count()} cores, load average at start {load_at_start:.2f}\n")
-    print("| engine | prefill tok/s | decode tok/s | decode vs llama-bench | peak RSS MiB | RSS vs llama-bench "
-          "| cold start s | warm start s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| engine | prefill tok/s | decode tok/s | decode vs llama-bench | peak RSS MiB | RSS at decode MiB "
+          "| RSS at decode vs llama-bench | cold start s | warm start s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, row in table.items():
         ratio = f"{row['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref else "-"
-        rss_ratio = f"{row['peak_rss_mib'] / ref['peak_rss_mib']:.2f}x" if ref else "-"
+        rss_ratio = f"{row['decode_rss_mib'] / ref['decode_rss_mib']:.2f}x" if ref else "-"
         print(f"| {name} | {row['prefill_tok_s']:.0f} | {row['decode_tok_s']:.1f} | {ratio} | "
-              f"{row['peak_rss_mib']:.0f} | {rss_ratio} | {fmt(row['cold_start_s'], '.1f')} | "
+              f"{row['peak_rss_mib']:.0f} | {row['decode_rss_mib']:.0f} | {rss_ratio} | {fmt(row['cold_start_s'], '.1f')} | "
               f"{fmt(row['warm_start_s'], '.1f')} |")
     ratios = {}
     llmlab_rows = {k: v for k, v in table.items() if k.startswith("llmlab")}
@@ -229,10 +255,17 @@ def main():
             ours = table.get(name)
             if ours and ref:
                 ratios[f"{name}: decode vs llama-bench"] = ours["decode_tok_s"] / ref["decode_tok_s"]
-                ratios[f"{name}: peak RSS vs llama-bench"] = ours["peak_rss_mib"] / ref["peak_rss_mib"]
+                ratios[f"{name}: RSS at decode vs llama-bench"] = ours["decode_rss_mib"] / ref["decode_rss_mib"]
             if ours and "transformers fp32" in table:
                 ratios[f"{name}: decode vs transformers fp32"] = (ours["decode_tok_s"] /
                                                                   table["transformers fp32"]["decode_tok_s"])
+    if ref and llmlab_rows:  # the floor under any PyTorch engine: the interpreter with torch imported, nothing else
+        floor = subprocess.run([sys.executable, "-c", "import resource, torch; "
+                                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"],
+                               capture_output=True, text=True)
+        if floor.returncode == 0:
+            ratios["python + import torch, RSS MiB"] = float(floor.stdout.strip())
+            ratios["python + import torch, RSS vs llama-bench"] = float(floor.stdout) / ref["decode_rss_mib"]
     exact = table.get("llmlab exact")
     for name, ours in llmlab_rows.items():
         if exact and name != "llmlab exact" and ours["tokens"] and exact["tokens"]:

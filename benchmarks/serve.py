@@ -7,7 +7,8 @@ and 16 concurrent streaming clients, for llmlab's server and its peers on the sa
 - llama-cpp-python's OpenAI server on the same GGUF, when `llama_cpp` is installed.
 
 Usage: python benchmarks/serve.py [--model smollm2] [--levels 1,4,16] [--requests 2] [--max-tokens 64]
-                                  [--peers transformers,llama_server,llama_cpp]
+                                  [--peers transformers,llama_server,llama_cpp|none] [--no-prefix-ttft]
+The clients run in a separate process, as they would for any real server.
 Writes benchmarks/results/serve.json. Bar: llmlab at 16 clients >= 3x its 1-client tokens/s, and above each peer.
 """
 
@@ -55,6 +56,16 @@ async def one_client(base: str, model: str, c: int, requests: int, max_tokens: i
 
 
 def measure(base: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+    """The load of `clients` streaming clients, generated in a separate process: in this one, the clients' Python
+    would take the GIL from llmlab's server threads (and not from a peer's own process), which is not a server's
+    cost and not a fair comparison."""
+    args = json.dumps([base, model, clients, requests, max_tokens])
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--load", args], capture_output=True,
+                          text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_here(base: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
     records: list = []
 
     async def main():
@@ -188,8 +199,13 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--peers", default="transformers,llama_server,llama_cpp")
     parser.add_argument("--int4", action="store_true", help="serve llmlab with 4-bit decode copies (llmlab.load int4)")
+    parser.add_argument("--no-prefix-ttft", action="store_true", help="skip the shared-system-prompt TTFT runs")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
+    parser.add_argument("--load", help=argparse.SUPPRESS)  # internal: be the clients' process (see measure)
     args = parser.parse_args()
+    if args.load:
+        print(json.dumps(measure_here(*json.loads(args.load))))
+        return 0
     levels = [int(x) for x in args.levels.split(",")]
 
     import llmlab
@@ -214,12 +230,16 @@ def main():
     results["llmlab_int4"] = args.int4
     with running_server(llm, model_name=args.model, max_batch=max(levels), max_len=1024) as base:
         run("llmlab", base, args.model)
-        cached = shared_prefix_ttft(base, args.model)
-    with running_server(llm, model_name=args.model, max_batch=max(levels), max_len=1024, prefix_cache=False) as base:
-        uncached = shared_prefix_ttft(base, args.model)
-    results["shared_prefix_ttft"] = {"system_tokens": 500, "cached_s": round(cached, 3), "uncached_s": round(uncached, 3)}
-    print(f"TTFT with a shared 500-token system prompt: {cached:.3f} s cached, {uncached:.3f} s without the prefix "
-          f"cache ({uncached / cached:.1f}x)", flush=True)
+        if not args.no_prefix_ttft:
+            cached = shared_prefix_ttft(base, args.model)
+    if not args.no_prefix_ttft:
+        with running_server(llm, model_name=args.model, max_batch=max(levels), max_len=1024,
+                            prefix_cache=False) as base:
+            uncached = shared_prefix_ttft(base, args.model)
+        results["shared_prefix_ttft"] = {"system_tokens": 500, "cached_s": round(cached, 3),
+                                         "uncached_s": round(uncached, 3)}
+        print(f"TTFT with a shared 500-token system prompt: {cached:.3f} s cached, {uncached:.3f} s without the "
+              f"prefix cache ({uncached / cached:.1f}x)", flush=True)
     del llm
     peers = args.peers.split(",")
     if "transformers" in peers:

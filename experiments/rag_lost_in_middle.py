@@ -69,15 +69,26 @@ def plot(path: Path, rows: list[dict], k: int, n: int):
     err = [[max(0.0, r["accuracy"] - r["ci_low"]) for r in pos], [max(0.0, r["ci_high"] - r["accuracy"]) for r in pos]]
     fig, ax = plt.subplots(figsize=(6, 3.8))
     ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"SmolLM2-135M, {k} passages")
+    # the paper's first / middle / last of 20 documents, drawn at our first / middle / last position
+    ax.plot([1, (k + 1) / 2, k], [PAPER["first"], PAPER["middle"], PAPER["last"]], marker="s", color="tab:red",
+            alpha=0.6, label=f"{PAPER['model']} (first/middle/last)")
     for r, style in zip([r for r in rows if not isinstance(r["position"], int)], ("--", ":")):
         ax.axhline(r["accuracy"], linestyle=style, color="gray", label=f"{r['position']} ({r['accuracy']:.2f})")
     ax.set_xticks(x)
     ax.set_xlabel("position of the passage with the answer")
     ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.05)
     ax.set_title(f"Lost in the middle, bios world (n={n} per point, 95% Wilson)")
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+def paper_beside(rows: list[dict], k: int) -> list[dict]:
+    """Each row with the paper's accuracy at the matching place (first, middle, last position; closed-book; oracle)."""
+    where = {1: "first", k: "last", "closed-book": "closed_book", "oracle": "oracle"}
+    if k % 2:
+        where[(k + 1) // 2] = "middle"
+    return [{**r, "paper": PAPER[where[r["position"]]] if r["position"] in where else ""} for r in rows]
 
 
 def main():
@@ -88,7 +99,15 @@ def main():
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="experiments/results/rag_lost_in_middle")
+    p.add_argument("--from-json", action="store_true", help="rewrite the table and plot of the finished run in --out")
     args = p.parse_args()
+    if args.from_json:
+        import json
+        saved = json.loads((Path(args.out) / "rag_lost_in_middle.json").read_text())
+        rows = [{k: v for k, v in r.items() if k != "paper"} for r in saved["rows"]]
+        write_results(args.out, "rag_lost_in_middle", paper_beside(rows, args.k), saved["note"])
+        plot(Path(args.out) / "rag_lost_in_middle.png", rows, args.k, args.n)
+        return
 
     import llmlab
     from llmlab.client import LocalClient
@@ -119,7 +138,7 @@ def main():
             f"Paper: {PAPER['model']}: first {PAPER['first']:.2f}, middle {PAPER['middle']:.2f}, last "
             f"{PAPER['last']:.2f}, closed-book {PAPER['closed_book']:.3f}, oracle {PAPER['oracle']:.3f} "
             "(positions and closed-book/oracle as reported; first/middle/last read from their Figure 5).")
-    write_results(out, "rag_lost_in_middle", rows, note)
+    write_results(out, "rag_lost_in_middle", paper_beside(rows, args.k), note)
     plot(out / "rag_lost_in_middle.png", rows, args.k, args.n)
     print(f"wrote {out}")
 

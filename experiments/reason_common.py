@@ -4,6 +4,7 @@ Wilson intervals for accuracies, and line plots with error bars."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -31,26 +32,50 @@ def sample_pool(client, items: list[dict], k: int, max_tokens: int, temperature:
     """k chains of thought per question, in one request each (sample i uses seed + i, question q seeds from
     100_000 * q: exactly what llmlab.reason.evaluate gives question q), with each sample's extracted answer,
     mean token log-probability, length and correctness. Cached under runs/reason_pools/TAG.json: the
-    experiments that read the same pool (frontier, self-consistency, over-optimisation) pay for it once."""
-    from llmlab.reason.strategies import best_of_n
-    from llmlab.reason.tasks import is_correct
+    experiments that read the same pool (frontier, self-consistency, over-optimisation) pay for it once. A cached
+    pool with fewer samples is topped up: samples j >= its k are drawn from their own seeds seed + j, as a k-sample
+    request would draw them (the same random streams; batched decoding may round differently)."""
     path = POOLS / f"{tag}.json"
-    if path.is_file():
-        pool = json.loads(path.read_text())
-        if len(pool["records"]) >= len(items) and pool["k"] >= k:
-            return pool["records"][:len(items)]
+    source = path if path.is_file() else _smaller_pool(tag)
+    cached = json.loads(source.read_text()) if source else {"k": 0, "records": [], "seconds": 0.0}
+    if len(cached["records"]) >= len(items) and cached["k"] >= k:
+        return cached["records"][:len(items)]
+    have = cached["k"] if len(cached["records"]) >= len(items) else 0
     records, t0 = [], time.perf_counter()
     for q, item in enumerate(items):
-        t = best_of_n(client, item, n=k, scorer="likelihood", temperature=temperature, max_tokens=max_tokens,
-                      seed=100_000 * q).trace
-        records.append({"item": item, "samples": t.samples, "answers": t.answers, "logprob": t.scores,
-                        "tokens": t.sample_tokens, "correct": [is_correct(a, item) for a in t.answers],
-                        "prompt_tokens": t.prompt_tokens})
-        log(f"pool {tag}: question {q + 1}/{len(items)}, {time.perf_counter() - t0:.0f} s")
+        rec = cached["records"][q] if have else None
+        new = _draw(client, item, k - have, max_tokens, temperature, 100_000 * q + have)
+        if rec is not None:
+            new = {**{key: rec[key] + new[key] for key in ("samples", "answers", "logprob", "tokens", "correct")},
+                   "item": item, "prompt_tokens": rec["prompt_tokens"] + new["prompt_tokens"]}
+        records.append(new)
+        log(f"pool {tag}: question {q + 1}/{len(items)}, samples {have}..{k - 1}, {time.perf_counter() - t0:.0f} s")
     POOLS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"k": k, "max_tokens": max_tokens, "temperature": temperature,
-                                        "seconds": time.perf_counter() - t0, "records": records}) + "\n")
+                                        "seconds": cached["seconds"] + time.perf_counter() - t0,
+                                        "records": records}) + "\n")
     return records
+
+
+def _smaller_pool(tag: str) -> Path | None:
+    """The cached pool of the same questions and settings with the most samples (fewer than TAG's -kN), if any."""
+    m = re.search(r"-k(\d+)-", tag)
+    if not m:
+        return None
+    found = [(int(p.stem[m.start() + 2:].split("-", 1)[0]), p) for p in POOLS.glob(f"{tag[:m.start()]}-k*.json")
+             if p.stem.split("-k", 1)[1].split("-", 1)[1] == tag[m.end():]] if POOLS.is_dir() else []
+    found = [(k, p) for k, p in found if k < int(m.group(1))]
+    return max(found)[1] if found else None
+
+
+def _draw(client, item: dict, n: int, max_tokens: int, temperature: float, seed: int) -> dict:
+    from llmlab.reason.strategies import best_of_n
+    from llmlab.reason.tasks import is_correct
+    t = best_of_n(client, item, n=n, scorer="likelihood", temperature=temperature, max_tokens=max_tokens,
+                  seed=seed).trace
+    return {"item": item, "samples": t.samples, "answers": t.answers, "logprob": t.scores,
+            "tokens": t.sample_tokens, "correct": [is_correct(a, item) for a in t.answers],
+            "prompt_tokens": t.prompt_tokens}
 
 
 def pool_time(tag: str) -> float:

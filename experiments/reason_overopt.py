@@ -3,13 +3,15 @@ of thought by a PROXY reward model trained on few, noisy labels, and score the c
 
     .venv/bin/python experiments/reason_overopt.py --int4 [--task arithmetic1] [--eval-questions 30] [--k 16]
         [--train-questions 24] [--pairs 48] [--noise 0.25] [--steps 24] [--trainable-blocks 2]
+        [--proxy-from runs/reason_overopt/proxy]   # reuse the proxy an earlier run trained
 
 The proxy is llmlab's reward model (train/reward.py: SmolLM2 with a scalar head, Bradley-Terry loss, the one
 training loop) trained on `pairs` (right, wrong) pairs of SmolLM2's own samples on other questions, a `noise`
 fraction of them flipped; only its last blocks and head train (a CPU budget). Best-of-n is read exactly from one
 pool of k samples per question: the expected proxy and gold (verifier) score of the proxy's choice among n samples
 drawn without replacement (order statistics over the pool), n = 1..k. Gao et al.'s KL of best-of-n is
-log n - (n-1)/n; with d = sqrt(KL) they fit gold(d) - gold(0) = d (alpha - beta d). Writes
+log n - (n-1)/n; with d = sqrt(KL) they fit gold(d) - gold(0) = d (alpha - beta d). A larger --k tops up the
+cached pool (samples 0..k-1 keep their seeds). The RL half is reason_overopt_rl.py. Writes
 experiments/results/reason_overopt/overopt.{md,json,png}.
 """
 
@@ -24,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import write_results  # noqa: E402
+from common import save_figure, write_results  # noqa: E402
 from reason_common import sample_pool, wilson  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "reason_overopt"
@@ -97,6 +99,26 @@ def train_proxy(records: list[dict], args):
     return RewardModel(result.model.eval(), tokenizer, pad_id_of(tokenizer))
 
 
+def load_proxy(run_dir: str | Path):
+    """The proxy RM a previous run of this script trained: its run directory's last checkpoint (llmlab names), or a
+    saved reward-model directory (config.json)."""
+    from safetensors.torch import load_file
+
+    from llmlab.train.ckpt import read_latest_name
+    from llmlab.train.reward import RewardModel, to_reward_model
+    from llmlab.train.sft import load_base, pad_id_of
+    run_dir = Path(run_dir)
+    if (run_dir / "config.json").is_file():
+        return RewardModel.load(run_dir)
+    latest = read_latest_name(run_dir / "checkpoints")
+    if latest is None:
+        raise SystemExit(f"no proxy checkpoint under {run_dir}/checkpoints: run without --proxy-from first")
+    model, tokenizer, _ = load_base("smollm2")
+    to_reward_model(model)
+    model.load_state_dict(load_file(run_dir / "checkpoints" / latest / "model.safetensors"), strict=True)
+    return RewardModel(model.eval(), tokenizer, pad_id_of(tokenizer))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--task", default="arithmetic1")
@@ -112,6 +134,8 @@ def main():
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--trainable-blocks", type=int, default=2)
     ap.add_argument("--int4", action="store_true")
+    ap.add_argument("--proxy-from", default=None, help="reuse the proxy RM a previous run trained (its run "
+                                                       "directory, e.g. runs/reason_overopt/proxy)")
     args = ap.parse_args()
 
     from llmlab.client import connect
@@ -129,9 +153,13 @@ def main():
                              f"{args.task}-seed1-q{len(train_items)}-k{args.train_k}{suffix}")
     del client
     records, flipped = noisy_pairs(train_pool, args.pairs, args.noise)
-    print(f"proxy: {len(records)} pairs ({flipped} flipped), {args.steps} steps", flush=True)
     t1 = time.perf_counter()
-    proxy = train_proxy(records, args)
+    if args.proxy_from:  # the same pairs and steps as the run that trained it (the note says what was given)
+        print(f"proxy: reusing {args.proxy_from}", flush=True)
+        proxy = load_proxy(args.proxy_from)
+    else:
+        print(f"proxy: {len(records)} pairs ({flipped} flipped), {args.steps} steps", flush=True)
+        proxy = train_proxy(records, args)
     train_seconds = time.perf_counter() - t1
 
     proxy_scores = []
@@ -161,7 +189,9 @@ def main():
     note = (f"SmolLM2-135M-Instruct, task `{args.task}`: n = {n_q} held-out questions x {args.k} samples "
             f"(temperature {args.temperature}, at most {args.max_tokens} tokens). Proxy RM: SmolLM2 + scalar head, "
             f"last {args.trainable_blocks} blocks trained {args.steps} steps on {len(records)} pairs from "
-            f"{len(train_items)} other questions, {flipped} of them flipped ({train_seconds:.0f} s); its AUROC "
+            f"{len(train_items)} other questions, {flipped} of them flipped ("
+            f"{'reused from ' + args.proxy_from if args.proxy_from else f'{train_seconds:.0f} s'}"
+            f"); its AUROC "
             f"for right vs wrong held-out samples: {proxy_auroc:.3f}. Gold = the verifier (accuracy; 95% Wilson "
             f"interval, approximate for an expectation). Best-of-n read exactly from the pool (order statistics). "
             f"Fit of gold(d) - gold(0) = d (alpha - beta d): alpha = {alpha:.4f}, beta = {beta:.4f}, so the gold "
@@ -193,11 +223,7 @@ def plot(rows, args, n_q):
     ax.legend(lines, labels, fontsize=8, loc="lower right")
     ax.set_title(f"Best-of-n vs a proxy RM, SmolLM2-135M on {args.task} (n={n_q}), n = 1..{args.k}", fontsize=10)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = OUT / "overopt.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(OUT / "overopt.png")
+    save_figure(fig, OUT / "overopt.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -24,16 +24,21 @@ from common import save_figure, write_results  # noqa: E402
 
 import llmlab  # noqa: E402
 from llmlab.client import GenParams, LocalClient  # noqa: E402
-from llmlab.safety.stats import wilson_interval  # noqa: E402
+from llmlab.safety.stats import bootstrap_mean_interval, wilson_interval  # noqa: E402
 from llmlab.safety.watermark import PROMPTS, WatermarkConfig, detect_ids, sample  # noqa: E402
 
 KEY = "experiment-key"
+PAPER = ("Paper (Kirchenbauer et al. 2023): OPT-1.3B continuations of C4 news, T = 200 +- 5 tokens, multinomial "
+         "sampling, gamma 0.25, delta 2, detected at z > 4 (one-sided false-positive rate 3e-5); the issue's target "
+         "is z > 4 at ~200 tokens.")
 
 
 def summary(zs: list[float]) -> dict:
     n, hit = len(zs), sum(z > 4 for z in zs)
     lo, hi = wilson_interval(hit, n)
-    return {"mean z": round(float(np.mean(zs)), 2), "min z": round(float(np.min(zs)), 2),
+    z_lo, z_hi = bootstrap_mean_interval(zs)
+    return {"mean z": round(float(np.mean(zs)), 2), "mean z 95% bootstrap": f"[{z_lo:.2f}, {z_hi:.2f}]",
+            "min z": round(float(np.min(zs)), 2),
             "z > 4": f"{hit}/{n} [{lo:.2f}, {hi:.2f}]"}
 
 
@@ -59,6 +64,7 @@ def main():
                                                                       "(the model's default)")
     ap.add_argument("--out", default="experiments/results/watermark")
     args = ap.parse_args()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     llm = llmlab.load("smollm2", dtype=torch.float32)
     client = LocalClient(llm)
@@ -77,7 +83,7 @@ def main():
             zs = [detect_ids(c.token_ids[:length], configs[name])["z"] for c in done]
             rows.append({"tokens": length, "text": name, **summary(zs)})
     write_results(out, "length", rows, f"SmolLM2-135M-Instruct, {len(prompts)} chat answers per row, temperature 1, "
-                  f"gamma 0.25, delta 2; 'plain' is scored with the lefthash key. 95% Wilson intervals.")
+                  f"gamma 0.25, delta 2; 'plain' is scored with the lefthash key. 95% Wilson intervals. {PAPER}")
     plot_length(out / "length.png", rows)
 
     # 2. temperature (and the model's own default, 0.2 with top-p 0.9), with the quality cost
@@ -120,10 +126,10 @@ def plot_length(path: Path, rows: list[dict]):
     for name in dict.fromkeys(r["text"] for r in rows):
         sel = [r for r in rows if r["text"] == name]
         ax.plot([r["tokens"] for r in sel], [r["mean z"] for r in sel], marker="o", label=name)
-    ax.axhline(4, color="gray", ls=":", label="z = 4 (the paper's threshold)")
+    ax.axhline(4, color="gray", ls=":", label="z = 4: the paper's threshold, its target at ~200 tokens")
     ax.set_xlabel("tokens scored")
     ax.set_ylabel("mean z")
-    ax.set_title("Watermark z vs length (SmolLM2, gamma 0.25, delta 2)")
+    ax.set_title("Watermark z vs length (SmolLM2, γ 0.25, δ 2)", fontsize=10)
     ax.legend(fontsize=7)
     save_figure(fig, path)
 

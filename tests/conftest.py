@@ -27,6 +27,21 @@ def smollm2(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
+def fp32_decode():
+    """Native decode steps with fp32 activations for one test module. The default rounds activations to int8 (as
+    llama.cpp does); a prompt whose cache was computed in another order (the server's prefix cache, a batched
+    prefill) differs by float rounding, which int8 rounding can turn into another greedy token at a near-tie. Modules
+    that compare the decode path with another path bit for bit (or log-probs with the scoring path) use this."""
+    from llmlab.engine.native import load_library
+
+    lib = load_library()
+    was = lib.llmlab_int8(0) if lib is not None else None
+    yield
+    if lib is not None:
+        lib.llmlab_int8(was)
+
+
+@pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A tiny random Llama with a ChatML BPE tokenizer, saved as an HF directory (one per test module)."""
     return make_tiny_chat_checkpoint(tmp_path_factory.mktemp("tinychat"))

@@ -123,31 +123,17 @@ def write_tokenizer_gguf(path, model="gpt2", pre="llama-bpe", add_bos=True, arch
 def running_arena(llms: dict, db, seed=0):
     """An arena server (`llmlab arena serve`) over llms ({name: LLM}) on a free local port, votes in db; yields its
     base URL."""
-    import threading
-    import time
-
     from llmlab.serve.app import create_app
     from llmlab.serve.routes_arena import install_arena
-    from llmlab.serve.run import address, bind, uvicorn_server
     from llmlab.serve.state import ServerOptions
+    from llmlab.serve.testing import serving
 
     first = next(iter(llms))
     options = ServerOptions(model_name=first, max_batch=2, max_len=512, db=str(db))
     app = create_app(llms[first], options)
     install_arena(app, llms, options, seed=seed)
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn_server(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the arena server did not start"
-        time.sleep(0.02)
-    try:
-        yield address(sock)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+    with serving(app) as url:
+        yield url
 
 
 def arena_battle(client, prompt="Hi", max_tokens=8, seed=None):

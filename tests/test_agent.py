@@ -66,6 +66,17 @@ def test_agent_calls_the_calculator_and_answers(local, tmp_path):
     assert "calculate(" in format_trace(events)
 
 
+def test_tools_agent_acts_first_then_answers_in_text(local):
+    # regression: with tool_choice "required" on every step SmolLM2 never called final_answer; it repeated
+    # calculate("1591") until the step budget. Now the first step must call a task tool (final_answer left out)
+    # and later steps are "auto": SmolLM2 answers with the result in text.
+    r = run_agent(local, "What is 37 * 43? Use calculate.", builtin_tools(names=["calculate"]), max_steps=3,
+                  step_tokens=48)
+    calls = [e for e in r.trace if e["type"] == "tool"]
+    assert calls[0]["name"] == "calculate" and r.reason == "final_answer" and r.steps == 2, format_trace(r.trace)
+    assert calls[0]["observation"] in r.answer  # what it computed, given back as the answer
+
+
 def test_budgets_end_the_run_with_a_reason(local):
     r = run_agent(local, "What is 2 + 2?", builtin_tools(names=["calculate"]), max_tokens=5, step_tokens=40)
     assert r.reason == "token_budget" and r.answer is None and r.completion_tokens <= 5

@@ -24,6 +24,8 @@ TOOLS = {t.name: t for t in builtin_tools(names=["calculate"])}
     ("Action: calculate(expression=6*7)", "calculate", {"expression": "6*7"}),
     ("Thought: done\nFinal Answer: 42\n\nmore text", "final_answer", {"answer": "42"}),
     ("Action: search\nAction Input: {\"query\": \"x\"}", "search", {"query": "x"}),  # unknown: execute says so
+    ("Action: Calculate\nAction Input: 6 * 7", "calculate", {"expression": "6 * 7"}),  # a tool's name in other case
+    ('Action: CALCULATE("6 * 7")', "calculate", {"expression": "6 * 7"}),
 ])
 def test_react_parser_reads_what_small_models_write(text, name, arguments):
     thought, call = parse_react(text, TOOLS)

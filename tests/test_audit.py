@@ -42,3 +42,32 @@ def test_audit_card_on_a_tiny_model(tiny_ckpt, tmp_path, capsys):
 def test_a_missing_section_module_is_reported(tiny_ckpt, tmp_path):
     section = module_section("no_such_module", connect(model=str(tiny_ckpt)), "small", tmp_path)
     assert section["status"] == "skipped" and "could not be imported" in section["markdown"]
+
+
+def test_a_time_budget_cuts_sections_and_says_so(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "card"
+    assert main(["audit", str(tiny_ckpt), "--sections", "judge,gcg", "--max-minutes", "0", "--out", str(out)]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert [(s["name"], s["status"]) for s in card["sections"]] == [("judge", "cut"), ("gcg", "cut")]
+    md = (out / "card.md").read_text()
+    assert "time budget of 0 minutes" in md and "--sections gcg" in md and "--max-minutes 0" in md
+
+
+def test_a_negative_time_budget_is_refused(tiny_ckpt, tmp_path, capsys):
+    assert main(["audit", str(tiny_ckpt), "--max-minutes", "-1", "--out", str(tmp_path / "card")]) == 2
+    assert "max_minutes must be at least 0" in capsys.readouterr().err
+
+
+def test_resume_adds_sections_to_an_existing_card(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "card"
+    assert main(["audit", str(tiny_ckpt), "--sections", "gcg,judge", "--max-minutes", "0", "--out", str(out)]) == 0
+    assert main(["audit", str(tiny_ckpt), "--sections", "judge", "--resume", "--out", str(out)]) == 0
+    card = json.loads((out / "card.json").read_text())
+    # the card's own order (judge first), judge re-run, gcg kept as it was
+    assert [(s["name"], s["status"]) for s in card["sections"]] == [("judge", "ok"), ("gcg", "cut")]
+    md = (out / "card.md").read_text()
+    assert "--sections gcg,judge --max-minutes 0" in md and "--sections judge --resume" in md
+    # a card of another budget is not silently mixed in
+    assert main(["audit", str(tiny_ckpt), "--budget", "full", "--sections", "judge", "--resume", "--out",
+                 str(out)]) == 2
+    assert "same model and budget" in capsys.readouterr().err

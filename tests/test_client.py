@@ -25,7 +25,8 @@ def server(smollm2):
 
 def cli_generate(options: dict, n: int) -> str:
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
-    r = subprocess.run([sys.executable, "-m", "llmlab.cli", "generate", "-n", str(n), *flags, PROMPT],
+    # --exact: the same dense fp32 model as the session fixture (the default decodes with int8 activations)
+    r = subprocess.run([sys.executable, "-m", "llmlab.cli", "generate", "--exact", "-n", str(n), *flags, PROMPT],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return r.stdout.rstrip("\n")

@@ -21,7 +21,7 @@ PERSON = {"type": "object", "properties": {
 
 
 @pytest.fixture(scope="module")
-def llm(smollm2_gguf):
+def llm(smollm2_gguf, fp32_decode):  # decoded log-probs are compared with the scoring path's
     return load(smollm2_gguf)
 
 

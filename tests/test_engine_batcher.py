@@ -83,3 +83,65 @@ def test_batcher_sink_events(llm):
         assert all(len(i.top) == 2 and i.logprob <= 0 for i in infos)
     with torch.no_grad():  # greedy: both samples are the argmax path
         assert req.sequences[0].token_ids == req.sequences[1].token_ids
+
+
+def test_requests_admitted_together_prefill_as_one_batch(llm):
+    """Prompts arriving together run as one left-padded forward pass; each row's logits and cache are its prompt's
+    alone up to float noise of a different batch shape (measured ~6e-5 on SmolLM2's logits, which span ~30). Later
+    greedy tokens are not compared: that noise can move a near tie, more so through the native kernel's int8 rows."""
+    prompts = [llm.prompt_ids(q) for q in ("Say hello.", "Name three colours of the rainbow, please.", "Why?")]
+    batcher = ContinuousBatcher(llm.engine, max_batch=4, max_len=256)
+    together = batcher._prefill_all(prompts)
+    for ids, (last, cache) in zip(prompts, together):
+        alone, alone_cache = llm.engine.prefill(ids)
+        assert torch.allclose(last, alone, atol=1e-3)
+        assert cache.max_len == len(ids)
+        assert torch.allclose(cache.k[-1], alone_cache.k[-1], atol=1e-4)
+    greedy = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    requests = through_batcher(llm.engine, [request(ids, greedy) for ids in prompts])
+    for ids, req in zip(prompts, requests):
+        alone = llm.engine.generate([ids], greedy)[0].token_ids
+        assert req.sequences[0].token_ids[0] == alone[0] and len(req.sequences[0].token_ids) == len(alone) == 6
+
+
+def test_requests_sharing_a_prefix_in_one_round_prefill_it_once(llm):
+    system = ("You are a terse assistant for a small bakery in Lyon. Answer in one short sentence, never mention "
+              "prices, and suggest the bread of the day when it fits the question.")
+    prompts = [llm.prompt_ids([{"role": "system", "content": system}, {"role": "user", "content": q}])
+               for q in ("When do you open?", "Do you sell rye bread?")]
+    batcher = ContinuousBatcher(llm.engine, max_batch=4, max_len=256)
+    out = batcher._prefill_all(prompts)
+    assert batcher.stats["prefix_hits"] == 1  # the second prompt ran only past the shared system prompt
+    assert torch.allclose(out[1][0], llm.engine.prefill(prompts[1])[0], atol=1e-3)
+
+
+def test_rows_sampled_together_draw_what_each_draws_alone(llm):
+    """The batcher samples rows with the same options in one pass; each row's seeded draw is what it would be alone,
+    including a flat row whose nucleus needs more candidates than its neighbours'."""
+    from llmlab.engine.sequence import new_sequence, step
+    torch.manual_seed(0)
+    logits = torch.randn(6, llm.model.config.vocab_size) * torch.tensor([8.0, 8.0, 0.3, 8.0, 8.0, 0.3])[:, None]
+    params = SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.2, seed=5)
+    ids = llm.prompt_ids("Hi")
+    vocab = logits.shape[-1]
+    together = [new_sequence(llm.tokenizer, params, ids, 10, i, None, vocab) for i in range(6)]
+    alone = [new_sequence(llm.tokenizer, params, ids, 10, i, None, vocab) for i in range(6)]
+    for _ in range(3):
+        tokens = step(together, list(logits.split(1)))
+        assert tokens == [step([seq], [row])[0] for seq, row in zip(alone, logits.split(1))]
+
+
+def test_the_same_prompt_again_gives_the_same_seeded_samples(llm):
+    """A repeated prompt (>= 32 tokens, so its prefill is stored) reuses the stored logits, not only the cache: a
+    re-run of its last token could take another kernel path (the native kernel's int8 rows) and drift the draws."""
+    ids = llm.prompt_ids("Write a word.")
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_new_tokens=10)
+    batcher = ContinuousBatcher(llm.engine, max_batch=4, max_len=256)
+    runs = []
+    for _ in range(2):
+        req = batcher.submit(request(ids, params, n=3))
+        while not req.done:
+            batcher.step()
+        runs.append([s.token_ids for s in req.sequences])
+    assert len(ids) >= 32 and batcher.stats["prefix_hits"] == 1
+    assert runs[0] == runs[1]

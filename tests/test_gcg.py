@@ -31,6 +31,7 @@ def test_gcg_lowers_the_target_loss(gcg_run):
     rows = asr_by_step([r])
     assert rows[-1]["n"] == 1 and 0 <= rows[-1]["asr_target_ci"][0] <= rows[-1]["asr_target_ci"][1] <= 1
     assert rows[-1]["mean_best_loss"] == pytest.approx(r.best_loss)
+    assert rows[-1]["mean_best_loss_ci"] == pytest.approx((r.best_loss, r.best_loss))  # one run: no spread
 
 
 def test_gcg_candidate_losses_match_a_full_forward(smollm2):

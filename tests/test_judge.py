@@ -18,7 +18,7 @@ ITEMS = [
 
 
 @pytest.fixture(scope="module")
-def llm(smollm2_gguf):
+def llm(smollm2_gguf, fp32_decode):  # in-process and endpoint judgments are compared token for token
     import llmlab
     return llmlab.load(smollm2_gguf)
 

@@ -92,10 +92,14 @@ def test_tree_of_thoughts_runs_within_budget(client, item):
     assert r.trace.steps and r.trace.steps[0]["depth"] == 1
 
 
-def test_tree_breadth_one_is_greedy_line_by_line(client, item):
+def test_tree_breadth_one_is_greedy_line_by_line(smollm2, item):
     """Breadth 1 at temperature 0 continues the greedy chain of thought one line at a time: its text is the start
     of one greedy generation from the same prompt (a line's newline is re-tokenized when the next line starts, so
-    equality holds while the newline is its own token, as SmolLM2's single newlines are)."""
+    equality holds while the newline is its own token, as SmolLM2's single newlines are). Each line re-prefills
+    what came before, where one generation decodes it: on the default 4-bit decode kernel those are two code paths
+    (fp32 prefill, int4 decode) whose logits differ enough to flip a greedy digit, so this runs the fp32 eager
+    model, where prefill and decode are one path and differ only by rounding."""
+    client = LocalClient(smollm2)
     r = tree_of_thoughts(client, item, breadth=1, beam=1, temperature=0.0, max_steps=3, step_tokens=16)
     head = client.chat_text(cot_prompt(item))
     text = r.trace.samples[-1]

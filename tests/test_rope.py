@@ -119,6 +119,20 @@ def test_self_extend_reaches_past_the_trained_context_the_same_with_a_kv_cache()
         assert (plain(torch.tensor([ids[:TRAINED]]))[0, -1] - model(torch.tensor([ids[:TRAINED]]))[0, -1]).abs().max() > 1e-3
 
 
+def test_self_extend_prefill_in_query_chunks_sees_the_same_keys(monkeypatch):
+    # a chunk computes scores on the keys it can see only (near ones on the window's band): the same logits as one
+    # chunk over every key, where nothing is sliced (tolerance: the same fp32 sums in another blocking)
+    from llmlab.model import self_extend
+    model, ids = tiny(), torch.randint(0, 97, (1, 2 * TRAINED + 12))
+    enable_self_extend(model, 4, 16)
+    with torch.no_grad():
+        monkeypatch.setattr(self_extend, "QUERY_CHUNK", 4096)
+        whole = model(ids)
+        monkeypatch.setattr(self_extend, "QUERY_CHUNK", 12)
+        chunked = model(ids)
+    assert (whole - chunked).abs().max().item() < 1e-4
+
+
 def test_self_extend_refuses_what_it_cannot_do():
     with pytest.raises(LLMLabError, match="GROUP,WINDOW"):
         enable_self_extend(tiny(), 4, TRAINED)

@@ -84,3 +84,17 @@ def test_cli_check_grounding(tmp_path, capsys):
     assert main(["check-grounding", "--context", str(ctx), "--answer", "The Eiffel Tower is in Paris."]) == 0
     out = capsys.readouterr().out
     assert "The Eiffel Tower is in Paris." in out and "overall" in out
+
+
+def test_detect_audit_section_reports_every_scored_detector_with_an_interval(tiny_ckpt, tmp_path):
+    """The card's detection section on a tiny model: the small budget scores no curvature, and the section must
+    report only the detectors it scored (it once looked up 'curvature' in every row and failed)."""
+    from llmlab.client import connect
+    from llmlab.safety.detect import audit_section
+    section = audit_section(connect(model=str(tiny_ckpt)), "small", tmp_path, n_pairs=4)
+    rows = section["data"]["auroc"]
+    assert [r["detector"] for r in rows] == ["loglik", "logrank", "entropy", "binoculars"]
+    for r in rows:
+        assert r["ci"][0] <= r["auroc"] <= r["ci"][1]
+        assert f"| {r['detector']} | {r['auroc']:.3f} [" in section["markdown"]
+    assert (tmp_path / "detect_roc.png").stat().st_size > 1000

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from llmlab.errors import LLMLabError
-from llmlab.safety.stats import (auroc, bootstrap_auroc_interval, calibration_bins, expected_calibration_error,
-                                 hanley_mcneil_interval, wilson_interval)
+from llmlab.safety.stats import (auroc, bootstrap_auroc_interval, bootstrap_mean_interval, calibration_bins,
+                                 expected_calibration_error, hanley_mcneil_interval, wilson_interval)
 
 
 def test_wilson_interval_hand_values():
@@ -67,3 +67,15 @@ def test_ece_hand_values():
         expected_calibration_error([0.5, 1.5], [1, 0])
     with pytest.raises(LLMLabError):
         expected_calibration_error([0.5], [1, 0])
+
+
+def test_bootstrap_mean_interval_covers_the_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(1)
+    small, large = rng.normal(3.0, 1.0, 10), rng.normal(3.0, 1.0, 400)
+    lo, hi = bootstrap_mean_interval(small)
+    assert lo < small.mean() < hi
+    big_lo, big_hi = bootstrap_mean_interval(large)
+    assert big_hi - big_lo < (hi - lo) / 3  # the width falls as 1/sqrt(n): 40x the data, ~6x narrower
+    assert bootstrap_mean_interval([2.0, 2.0, 2.0]) == (2.0, 2.0)  # no spread, no width
+    with pytest.raises(LLMLabError):
+        bootstrap_mean_interval([])

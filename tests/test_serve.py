@@ -215,3 +215,33 @@ def test_disconnect_frees_the_row_and_metrics_count(server):
     assert 'llmlab_requests_total{endpoint="/v1/chat/completions",status="200"}' in metrics
     assert "llmlab_time_to_first_token_seconds_bucket" in metrics
     assert "llmlab_queue_depth 0" in metrics
+
+
+def test_mailbox_delivers_every_event_in_order_with_few_wakeups():
+    """The batcher's events reach each request's asyncio queue in order; a burst wakes the event loop once, not per
+    event (what keeps a 16-row step from waking the loop 16 times)."""
+    import asyncio
+    import threading
+
+    from llmlab.serve.state import Mailbox
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        mailbox, queues = Mailbox(loop), [asyncio.Queue(), asyncio.Queue()]
+        wakeups = 0
+        deliver = mailbox.deliver
+
+        def counted():
+            nonlocal wakeups
+            wakeups += 1
+            deliver()
+        mailbox.deliver = counted
+        burst = threading.Thread(target=lambda: [mailbox.put(queues[i % 2], i) for i in range(200)])
+        burst.start()
+        burst.join()  # the loop cannot run while the burst is sent, as in a batcher step
+        got = [[await q.get() for _ in range(100)] for q in queues]
+        return got, wakeups
+
+    got, wakeups = asyncio.run(main())
+    assert got == [list(range(0, 200, 2)), list(range(1, 200, 2))]
+    assert wakeups == 1

@@ -26,8 +26,36 @@ def test_lookup_draft_takes_the_latest_longest_match():
     assert lookup_draft([1, 2, 3, 9, 1, 2, 3, 7, 8, 2, 3], k=2) == [7, 8]  # (2, 3) last seen before 7 8
     assert lookup_draft([5, 1, 2, 3, 4, 6, 2, 3], k=3, max_ngram=3) == [4, 6, 2]
     assert lookup_draft([1, 2, 3], k=4) == []  # the suffix never occurred before
-    assert lookup_draft([4, 4], k=3) == [4]  # what followed is all there is
+    assert lookup_draft([4, 4], k=3) == [4, 4, 4]  # what followed runs into the end: it repeats with its period
+    assert lookup_draft([1, 2, 9, 1, 2, 9, 1, 2], k=5) == [9, 1, 2, 9, 1]
     assert lookup_draft([7], k=3) == []
+
+
+def test_the_incremental_lookup_drafts_what_lookup_draft_does():
+    import random
+    from llmlab.engine.draft import LookupDrafter
+    for seed in range(200):  # small vocabularies repeat n-grams often; longer contexts than any one step sees
+        rng = random.Random(seed)
+        vocab = rng.choice([3, 5, 20])
+        draft, context = LookupDrafter(3).start([0], 100), []
+        for token in [rng.randrange(vocab) for _ in range(rng.randrange(1, 50))]:
+            context.append(token)
+            k = rng.randrange(1, 6)
+            assert draft.propose(context, k, None)[0] == lookup_draft(context, k, 3), (seed, context, k)
+            longest = max((n for n in range(1, min(3, len(context) - 1) + 1)  # the matched suffix's length
+                           if any(context[s:s + n] == context[-n:] for s in range(len(context) - n))), default=0)
+            assert min(draft.strength(context), 3) == longest
+    copy = [7, 1, 2, 3, 4, 5, 9, 1, 2, 3, 4, 5]  # a whole 3-gram match's strength: how far back it runs (5 tokens)
+    assert LookupDrafter(3).start(copy, 100).strength(copy) == 5
+
+
+def test_best_draft_length_weighs_acceptance_against_measured_cost():
+    from llmlab.engine.speculative import best_draft_length
+    assert best_draft_length(0.3, 0.35, 7) == 0  # drafts mostly rejected: plain steps win
+    assert best_draft_length(0.9, 0.05, 7) == 7  # a verify row costs little: draft all the room there is
+    assert 1 <= best_draft_length(0.9, 0.5, 7) < best_draft_length(0.9, 0.3, 7) < 7  # dearer rows: shorter drafts
+    assert best_draft_length(0.99, 1.0, 7) == 0  # a row costs a whole step: nothing can pay
+    assert best_draft_length(0.9, 0.05, 3) == 3  # never more than the room
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +95,70 @@ def test_greedy_identical_to_plain_on_smollm2(smollm2, smollm2_drafters, plain_g
         assert stats.accepted >= 8 and stats.tokens_per_step > 1.5, stats
     if kind == "self":  # the 4-bit copy of a Q4_1 file is the same weights, up to bf16 scales: most drafts are kept
         assert stats.acceptance_rate > 0.6 and stats.tokens_per_step > 2, stats
+
+
+@pytest.fixture(scope="module")
+def packed_smollm2(smollm2_gguf):
+    """llmlab.load's default for the Q4_1 file: packed weights, the native decode step (None without g++)."""
+    import llmlab
+    llm = llmlab.load("smollm2")
+    if llm.engine.native_step is None:
+        pytest.skip("the native kernel did not build here")
+    return llm
+
+
+def test_native_verify_equals_single_native_steps_on_smollm2(packed_smollm2):
+    llm = packed_smollm2
+    ids = llm.tokenizer.encode("The printing press spread across Europe in the fifteenth century. Books became")
+    head, fed = ids[:-6], ids[-6:]  # the pending token and five "drafts"
+    caches = [llm.model.new_cache(1, len(ids) + 4) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            llm.model(torch.tensor([head]), torch.arange(len(head))[None], cache)
+        steps = torch.cat([llm.engine.decode_step(torch.tensor([[t]]), torch.tensor([[len(head) + i]]), caches[0])
+                           for i, t in enumerate(fed)])
+    verify = SpeculativeDecoder(llm.engine).verify(fed[0], fed[1:], len(head), caches[1])
+    # one native call of 6 rows vs 6 calls of 1 row: the same weights and fp32 arithmetic, but 1-2 row projections
+    # factor the group minimum out (another summation order); measured ~5e-5 on logits of magnitude ~30
+    assert verify.shape == steps.shape and (verify - steps).abs().max() < 1e-3 * steps.abs().max()
+    assert torch.equal(verify.argmax(-1), steps.argmax(-1))
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def native_decode_logits(llm, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """The logits before each of tokens as the plain engine computes them: prefill, then one native step a token."""
+    cache = llm.model.new_cache(1, len(prompt) + len(tokens))
+    with torch.no_grad():
+        rows = [llm.model(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache)[0, -1]]
+        for i, t in enumerate(tokens[:-1]):
+            rows.append(llm.engine.decode_step(torch.tensor([[t]]), torch.tensor([[len(prompt) + i]]), cache)[0])
+    return torch.stack(rows).float()
+
+
+@pytest.mark.parametrize("kind", ["lookup", "draft"])
+def test_greedy_identical_to_plain_with_native_verify(packed_smollm2, smollm2_drafters, kind):
+    """The default model: drafts verified by one native call of k + 1 rows; output token for token the plain one."""
+    llm = packed_smollm2
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    for prompt in PROMPTS[:2] if kind == "lookup" else PROMPTS[2:]:  # a random draft: rejections everywhere
+        ids = llm.prompt_ids(prompt)
+        plain = llm.engine.generate([ids], params)[0]
+        decoder = SpeculativeDecoder(llm.engine, smollm2_drafters[kind], min_acceptance=0.0, auto_off=False)
+        spec = decoder.generate(ids, params)
+        assert spec.finish_reason == plain.finish_reason and spec.completion_tokens == plain.completion_tokens
+        if spec.token_ids != plain.token_ids:
+            # a verify of k + 1 rows sums in another order than one-row steps (~5e-5 on logits of ~30, see above):
+            # where the two best logits are that close either may win, so each token must be greedy up to that
+            assert_greedy_up_to_ties(native_decode_logits(llm, ids, spec.token_ids), spec.token_ids, margin=1e-3)
+        assert decoder.stats.drafted > 0 and decoder.stats.verify_steps < len(spec.token_ids) + 1
+        if kind == "lookup" and prompt.startswith("Repeat"):  # the copy is drafted from the prompt and kept
+            assert decoder.stats.tokens_per_step > 1.5, decoder.stats
+
+
+def test_self_speculation_on_a_packed_model_says_what_to_do(packed_smollm2):
+    with pytest.raises(LLMLabError, match="--exact.*--speculate lookup or draft:PATH"):
+        SpeculativeDecoder(packed_smollm2.engine, "self")
 
 
 def test_stop_string_text_and_finish_reason_match_plain(smollm2):

@@ -1,10 +1,12 @@
 """The agent loop over the model client: function calling or ReAct, with memory, a step and token budget, a trace.
 
-Each step the model acts once: in the "tools" style it must call a tool (tool_choice "required", so on llmlab's
-server or in-process the call is decoded under the tools' schemas); in the "react" style it writes Thought /
-Action / Action Input as text (react.py), for models and endpoints without tool calling. The run ends when it calls
-`final_answer`, or with a clear reason when a budget runs out. With a Memory, older steps are folded into a
-running summary when the transcript nears its token budget (memory.py).
+Each step the model acts once. In the "tools" style (the OpenAI function-calling loop) the first step must call one
+of the task's tools (tool_choice "required", final_answer left out: an agent acts before it answers) and later steps
+are tool_choice "auto": the model calls a tool or answers in text, and that text is the final answer (so is a call
+of `final_answer`). On llmlab's server or in-process every call is decoded under the tools' schemas. In the
+"react" style it writes Thought / Action / Action Input as text (react.py), for models and endpoints without tool
+calling. The run ends with an answer, or with a clear reason when a budget runs out. With a Memory, older steps are
+folded into a running summary when the transcript nears its token budget (memory.py).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def final_answer(answer: str) -> str:
 @dataclass
 class AgentResult:
     answer: str | None
-    reason: str  # "final_answer" | "step_budget" | "token_budget" | "no_tool_call" (an endpoint answered in text)
+    reason: str  # "final_answer" | "step_budget" | "token_budget" | "no_tool_call" (an endpoint answered the first
+    # step in text, ignoring tool_choice "required")
     steps: int
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -64,15 +67,20 @@ class Trace:
 
 
 class ToolCalling:
-    """The function-calling style: the client's chat_tools with tool_choice "required"."""
+    """The function-calling style: the client's chat_tools, "required" over the task's tools on the first step (why:
+    SmolLM2-135M under "auto" answers from memory, and under "required" with final_answer offered it called
+    final_answer("final_answer") without searching), "auto" after it (why: forced to call a tool, it repeated its
+    last call instead of calling final_answer; free to answer, it wrote the tool's result as its answer)."""
     name = "tools"
 
     def system(self, tools: list[Tool], system: str | None) -> str:
         return system or SYSTEM
 
-    def act(self, client, messages, tools: list[Tool], max_tokens: int):
-        g = client.chat_tools(messages, [t.spec() for t in tools], GenParams(max_tokens=max_tokens, temperature=0),
-                              tool_choice="required", parallel_tool_calls=False)
+    def act(self, client, messages, tools: list[Tool], max_tokens: int, first: bool = False):
+        acting = [t for t in tools if t.name != "final_answer"] if first else tools
+        g = client.chat_tools(messages, [t.spec() for t in acting or tools],
+                              GenParams(max_tokens=max_tokens, temperature=0),
+                              tool_choice="required" if first else "auto", parallel_tool_calls=False)
         calls = g.tool_calls or []
         message = {"role": "assistant", "content": g.text or None, "tool_calls": calls}
         actions = [ToolCall(c["function"]["name"], c["function"].get("arguments") or "{}", c.get("id", ""))
@@ -94,9 +102,10 @@ def make_style(style: str):
 
 def run_agent(client, task: str, tools: list, max_steps: int = 6, max_tokens: int = 4000, step_tokens: int = 128,
               trace_path: str | Path | None = None, system: str | None = None, style: str = "tools",
-              memory=None, trace: Trace | None = None) -> AgentResult:
+              memory=None, trace: Trace | None = None, act_first: bool = True) -> AgentResult:
     """Run the agent on `task` with `tools` (Tools or typed functions). max_tokens bounds the completion tokens of
-    the whole run (summaries included), step_tokens one call. memory: a Memory (running summary + recall)."""
+    the whole run (summaries included), step_tokens one call. memory: a Memory (running summary + recall).
+    act_first: in the tools style the first step must call one of the task's tools (not final_answer)."""
     if max_steps < 1 or max_tokens < 1 or step_tokens < 1:
         raise LLMLabError("max_steps, max_tokens and step_tokens must be at least 1")
     actor = make_style(style)
@@ -126,7 +135,8 @@ def run_agent(client, task: str, tools: list, max_steps: int = 6, max_tokens: in
                 result.reason = "token_budget"
                 break
         try:
-            message, actions, g = actor.act(client, messages, tools, min(step_tokens, left))
+            message, actions, g = actor.act(client, messages, tools, min(step_tokens, left),
+                                            first=act_first and not steps)
         except LLMLabError as e:
             if "shortest" not in str(e):
                 raise
@@ -150,12 +160,24 @@ def run_agent(client, task: str, tools: list, max_steps: int = 6, max_tokens: in
         steps.append([message] + actor.results(actions, observations))
         if result.reason == "final_answer":
             break
-        if not actions and actor.name == "tools":  # cut short by the token budget, or an endpoint that ignored
-            result.reason = "token_budget" if g.finish_reason == "length" else "no_tool_call"  # "required"
+        if not actions and actor.name == "tools":
+            _answer_in_text(result, g, len(steps) > 1 or not act_first, trace)
             break
     trace.add("end", reason=result.reason, answer=result.answer, steps=result.steps,
               prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
     return result
+
+
+def _answer_in_text(result: AgentResult, g, may_answer: bool, trace: Trace):
+    """A tools-style step that called no tool: a text answer, one cut short by the token budget, or (on the first
+    step, where a call was required) an endpoint that ignored tool_choice "required"."""
+    if g.finish_reason == "length":
+        result.reason = "token_budget"
+    elif may_answer and (g.text or "").strip():
+        result.answer, result.reason = g.text.strip(), "final_answer"
+        trace.add("answer", step=result.steps, answer=result.answer)
+    else:
+        result.reason = "no_tool_call"
 
 
 def _readable(arguments):

@@ -67,7 +67,7 @@ def run_planned(client, task: str, tools: list, max_steps: int = 8, max_tokens: 
                f"{plan[i]}\nThen call final_answer with " + ("the answer to the task." if last else
                                                              "what this step found."))
         r = run_agent(client, sub, tools, max_steps=min(steps_per_item, steps_left), max_tokens=tokens_left,
-                      step_tokens=step_tokens, system=system, style=style, trace=trace,
+                      step_tokens=step_tokens, system=system, style=style, trace=trace, act_first=False,
                       memory=replace(memory, summary="", folded=0, notes=[]) if memory is not None else None)
         result.steps += r.steps
         result.spend(r.prompt_tokens, r.completion_tokens)

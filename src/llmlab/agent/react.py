@@ -10,17 +10,19 @@ import re
 from llmlab.agent.tools import Tool, ToolCall
 from llmlab.client.base import GenParams
 
-FORMAT = """Answer in exactly this format, one action at a time:
-Thought: what to do next
-Action: the tool to use, one of [{names}]
-Action Input: the tool's arguments as a JSON object, e.g. {example}
+# a filled-in example, not placeholders (why: SmolLM2-135M copied "Action: the tool to use, one of [...]" verbatim)
+FORMAT = """Answer in this format, one action at a time (the tools: {names}):
+Thought: I should use {first}.
+Action: {first}
+Action Input: {example}
 
 You will then see "Observation:" with the result. When you know the answer, write:
-Thought: I know the answer
+Thought: I know the answer.
 Action: final_answer
 Action Input: {{"answer": "..."}}"""
 
 STOP = ["Observation:", "\nObservation"]
+PREFIX = "Thought:"  # the model's turn is started with it, so it continues in the format
 LABEL = r"[*_`#\s]*"  # markdown around a label: **Action:**, ### Action:
 ACTION = re.compile(rf"^{LABEL}action{LABEL}(?:\d+{LABEL})?:{LABEL}(.*)$", re.I | re.M)
 INPUT = re.compile(rf"^{LABEL}action[ _]?input{LABEL}(?:\d+{LABEL})?:{LABEL}(.*)", re.I | re.M | re.S)
@@ -38,7 +40,7 @@ def react_system(tools: list[Tool], system: str | None = None) -> str:
     example = json.dumps({k: "..." for k in first.parameters.get("properties", {})}) if first else "{}"
     intro = system or "You are an agent. Solve the task step by step with these tools:"
     return (f"{intro}\n" + "\n".join(describe(t) for t in tools) + "\n\n"
-            + FORMAT.format(names=", ".join(t.name for t in tools), example=f"{example} (for {first.name})"))
+            + FORMAT.format(names=", ".join(t.name for t in tools), first=first.name, example=example))
 
 
 def _clean(text: str) -> str:
@@ -79,6 +81,11 @@ def _arguments(raw: str, tool: Tool | None) -> dict | str:
     return {name: value.strip("'\"") if isinstance(value, str) else value}
 
 
+def _known(name: str, by_name: dict[str, Tool]) -> str:
+    """A tool's own name when `name` differs from it only in case ("Search" for search)."""
+    return next((n for n in by_name if n.lower() == name.lower()), name)
+
+
 def parse_react(text: str, by_name: dict[str, Tool]):
     """(thought, ToolCall or None) from one ReAct turn. A Final Answer line is a call of final_answer."""
     action_m, final_m = ACTION.search(text), FINAL.search(text)
@@ -91,9 +98,10 @@ def parse_react(text: str, by_name: dict[str, Tool]):
     name = _clean(action_m.group(1))
     call = CALL.match(name)
     if call:  # the input written inline, as a function call
-        name, inline = call.group(1), call.group(2)
+        name, inline = _known(call.group(1), by_name), call.group(2)
         return thought, ToolCall(name, _arguments(inline, by_name.get(name)))
     name = name.split()[0].strip("`*_:.,'\"[]") if name.split() else ""
+    name = _known(name, by_name)
     input_m = INPUT.search(text, action_m.end())
     raw = input_m.group(1) if input_m else ""
     return thought, ToolCall(name, _arguments(raw, by_name.get(name)) if raw.strip() else {})
@@ -106,9 +114,15 @@ class ReAct:
     def system(self, tools: list[Tool], system: str | None) -> str:
         return react_system(tools, system)
 
-    def act(self, client, messages, tools: list[Tool], max_tokens: int):
-        g = client.generate([messages], GenParams(max_tokens=max_tokens, temperature=0, stop=list(STOP)))[0]
-        text = g.text.strip()
+    def act(self, client, messages, tools: list[Tool], max_tokens: int, first: bool = False):
+        params = GenParams(max_tokens=max_tokens, temperature=0, stop=list(STOP))
+        prompt = client.chat_text(messages)
+        if prompt is None:  # an endpoint that does not publish its template: plain chat
+            g = client.generate([messages], params)[0]
+            text = g.text.strip()
+        else:  # the answer starts with "Thought:" (why: without it SmolLM2-135M wrote no Action line in 36 steps)
+            g = client.generate([prompt + PREFIX], params, chat=False)[0]
+            text = (PREFIX + g.text).strip()
         _, action = parse_react(text, {t.name: t for t in tools})
         return {"role": "assistant", "content": text}, [action] if action else [], g
 

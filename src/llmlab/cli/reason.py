@@ -112,7 +112,8 @@ def add_commands(sub):
                                       "search, revision, routing, debate; accuracy, tokens and time")
     p.add_argument("--strategy", default="self-consistency", help=f"one of {', '.join(STRATEGIES)}")
     p.add_argument("--task", default="arithmetic", help="arithmetic, arithmetic1, arithmetic3, word_problems, add, "
-                                                       "count_letters, sort_list, bios, or a JSONL of question/answer")
+                                                       "count_letters, sort_list, bios, a JSONL of question/answer, or an "
+                                                       "lm-eval task YAML (PATH.yaml[#FILTER], local data)")
     p.add_argument("-k", type=int, default=None, help="samples (self-consistency, router), candidates (best-of-n), "
                                                       "breadth (tree)")
     p.add_argument("--questions", type=int, default=20, help="how many questions")

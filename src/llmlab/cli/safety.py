@@ -180,9 +180,11 @@ def cmd_audit(args) -> int:
     target = args.model or (f"--endpoint {args.endpoint}" if args.endpoint else "smollm2")
     flags = "".join(f" --{k}" for k in ("exact", "int4", "compile") if getattr(args, k, False))
     command = (f"llmlab audit {target}{flags} --budget {args.budget}"
-               + (f" --sections {args.sections}" if args.sections else "") + f" --out {args.out}")
+               + (f" --sections {args.sections}" if args.sections else "")
+               + (f" --max-minutes {args.max_minutes:g}" if args.max_minutes is not None else "")
+               + (" --resume" if args.resume else "") + f" --out {args.out}")
     card = run_audit(client, args.out, args.budget, sections, command=command, judge_client=judge_client, label=target,
-                     log=lambda m: print(m, file=sys.stderr))
+                     log=lambda m: print(m, file=sys.stderr), max_minutes=args.max_minutes, resume=args.resume)
     for s in card["sections"]:
         print(f"{s['title']}: {s['status']} ({s.get('seconds', 0):.0f} s)")
     print(f"wrote {Path(args.out) / 'card.md'} and card.json")
@@ -213,9 +215,14 @@ def add_redteam_commands(sub):
                                      "injection, hallucination, watermark, bias, GCG, detection")
     p.add_argument("model_name", nargs="?", default=None, metavar="MODEL", help="registry name, checkpoint "
                                                                                 "directory or .gguf (or --endpoint)")
-    p.add_argument("--budget", default="small", help="small (about 10 minutes on SmolLM2) | full")
-    p.add_argument("--sections", default=None, help="comma-separated subset: judge, redteam, extraction, "
-                                                    "injection, hallucination, watermark, bias, gcg, detect")
+    p.add_argument("--budget", default="small", help="small (about 18 minutes of one core on SmolLM2) | full")
+    p.add_argument("--sections", default=None, help="comma-separated subset, run in this order (default: judge, "
+                                                    "hallucination, watermark, bias, detect, extraction, injection, "
+                                                    "gcg, redteam)")
+    p.add_argument("--max-minutes", type=float, default=None, help="start no section after this many minutes; the "
+                                                                   "card lists the ones cut")
+    p.add_argument("--resume", action="store_true", help="add to the card already in --out (same model and budget): "
+                                                         "the sections run now replace theirs, the others are kept")
     p.add_argument("--out", required=True, help="directory for card.md, card.json and the plots")
     add_client_args(p)
     add_client_args(p, prefix="judge")

@@ -1,11 +1,14 @@
 """Drafters for speculative decoding: who guesses the next k tokens that the target model then checks.
 
 Three kinds, one interface (`start(prompt, max_len)` gives a per-request draft whose `propose(context, k, seq)`
-returns k tokens and, for sampled drafts, the distribution q each was drawn from, (k, V); None = point masses):
+returns k tokens and, for sampled drafts, the distribution q each was drawn from, (k, V); None = point masses;
+and whose `strength(context)` says what kind of draft comes next, for the decoder's acceptance statistics: the
+length of the n-gram a lookup matched (0: nothing to draft), 1 for a model):
 
 - `LookupDrafter`: n-grams of the context (prompt lookup); free, strong on input-grounded tasks;
-- `ModelDrafter`: a smaller model with the same tokenizer, decoding k tokens with its own KV cache;
-- `self_drafter(model)`: the target's own 4-bit copy (llmlab.model.quant) drafts, the dense model verifies.
+- `ModelDrafter`: a smaller model with the same tokenizer, decoding k tokens with its own KV cache (native steps
+  on its 4-bit packed copy where the kernel runs);
+- `self_drafter(model)`: the target's own 4-bit copy drafts (native steps), the dense model verifies.
 
 `make_drafter("lookup" | "self" | "draft:PATH", model, tokenizer)` builds one from the CLI's --speculate value.
 """
@@ -18,22 +21,33 @@ import torch
 import torch.nn as nn
 
 from llmlab.engine.batcher import common_prefix_len
+from llmlab.engine.native import MAX_NATIVE_ROWS, NativeDecoder, load_library, unsupported_reason
 from llmlab.engine.sampling import sampling_probs
 from llmlab.errors import LLMLabError
 
 MAX_NGRAM = 3  # the longest context suffix looked up (then shorter ones, down to 1 token)
+STRONGEST = 8  # a lookup draft's strength (its match's length) is counted up to this
 SPECULATE_HELP = "lookup (n-grams of the context), self (the model's 4-bit copy drafts) or draft:PATH (a small model)"
 
 
 def lookup_draft(tokens: list[int], k: int, max_ngram: int = MAX_NGRAM) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of the context's last n tokens (n = max_ngram
-    down to 1); [] when no suffix occurred before. This is llama.cpp's "lookup" / prompt lookup decoding."""
+    """k tokens that followed the latest earlier occurrence of the context's last n tokens (n = max_ngram down to
+    1); [] when no suffix occurred before. This is llama.cpp's "lookup" / prompt lookup decoding. A continuation
+    that runs into the end of the context repeats with its period (after "a b a b", "a b" is drafted again)."""
     for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
         tail = tokens[-n:]
         for start in range(len(tokens) - n - 1, -1, -1):  # latest first: recent text predicts best
             if tokens[start:start + n] == tail:
-                return tokens[start + n:start + n + k]
+                return continuation(tokens, start + n, k)
     return []
+
+
+def continuation(tokens: list[int], begin: int, k: int) -> list[int]:
+    """tokens[begin:begin + k], continued past the end with its own period (len(tokens) - begin)."""
+    out = tokens[begin:begin + k]
+    while len(out) < k:
+        out.append(out[len(out) - (len(tokens) - begin)])
+    return out
 
 
 # ---- prompt lookup ---------------------------------------------------------------------------------------------
@@ -47,22 +61,68 @@ class LookupDrafter:
             raise LLMLabError(f"max_ngram must be >= 1, got {max_ngram}")
         self.max_ngram = max_ngram
 
-    def start(self, prompt: list[int], max_len: int) -> "LookupDrafter":
-        return self  # nothing per request: the context is all it reads
+    def start(self, prompt: list[int], max_len: int) -> "LookupDraft":
+        return LookupDraft(self.max_ngram)
+
+
+class LookupDraft:
+    """lookup_draft over a growing context in O(max_ngram) a step: every n-gram (n <= max_ngram) followed by a
+    token is indexed once, at its latest start (rescanning a context of ~1,000 tokens took ~0.5 ms a step, a few
+    percent of a native decode step)."""
+
+    def __init__(self, max_ngram: int):
+        self.max_ngram = max_ngram
+        self.latest: dict[tuple[int, ...], int] = {}  # n-gram -> its latest start with a token after it
+        self.indexed = 0  # the n-grams ending before this position are in `latest`
+
+    def _index(self, context: list[int]):
+        """Index the n-grams that now have a token after them (the context only grows within a request)."""
+        if len(context) < self.indexed:
+            self.latest, self.indexed = {}, 0
+        for end in range(max(self.indexed, 1), len(context)):
+            for n in range(1, min(self.max_ngram, end) + 1):
+                self.latest[tuple(context[end - n:end])] = end - n
+        self.indexed = len(context)
+
+    def _match(self, context: list[int]) -> tuple[int, int]:
+        """(n, start) of the longest suffix of context seen before, at its latest start; (0, -1) if none."""
+        self._index(context)
+        for n in range(min(self.max_ngram, len(context) - 1), 0, -1):
+            start = self.latest.get(tuple(context[-n:]))
+            if start is not None:
+                return n, start
+        return 0, -1
+
+    def strength(self, context: list[int]) -> int:
+        """The matched n-gram's length, and for a whole max_ngram match how far the match runs further back (up to
+        STRONGEST): a long match is text being copied, whose drafts are kept far more often than a short one's."""
+        n, start = self._match(context)
+        if n < self.max_ngram:
+            return n
+        end = len(context) - n
+        while n < STRONGEST and start > 0 and context[start - 1] == context[end - 1]:
+            n, start, end = n + 1, start - 1, end - 1
+        return n
 
     def propose(self, context: list[int], k: int, seq) -> tuple[list[int], None]:
-        return lookup_draft(context, k, self.max_ngram), None
+        n, start = self._match(context)
+        return (continuation(context, start + n, k) if n else []), None
 
 
 # ---- a draft model ---------------------------------------------------------------------------------------------
 
 
 class ModelDrafter:
-    """A model with the target's tokenizer that drafts autoregressively (greedy, or sampled from q)."""
+    """A model with the target's tokenizer that drafts autoregressively (greedy, or sampled from q).
 
-    def __init__(self, model, name: str = "draft"):
+    Where the native kernel runs the model (native=True), draft steps are native steps on its 4-bit packed copy:
+    a draft only guesses, and a PyTorch step of even a small model costs about what the target's native step does
+    (its time is per-layer overhead), which no acceptance rate pays for. The prompt is prefilled in PyTorch."""
+
+    def __init__(self, model, name: str = "draft", native: bool = True):
         self.model, self.name = model.eval(), name
         self.device = model.model.norm.weight.device  # (the embedding may be packed: llmlab.engine.native)
+        self.step = native_step_for(self.model) if native else None
 
     def start(self, prompt: list[int], max_len: int) -> "ModelDraft":
         return ModelDraft(self, prompt, max_len)
@@ -73,7 +133,7 @@ class ModelDraft:
     have been rejected; slots past the context's common prefix are simply written over, as in the target's cache)."""
 
     def __init__(self, drafter: ModelDrafter, prompt: list[int], max_len: int):
-        self.model, self.device = drafter.model, drafter.device
+        self.model, self.device, self.step = drafter.model, drafter.device, drafter.step
         self.cache = self.model.new_cache(1, min(max_len, self.model.config.max_seq_len))
         self.cached: list[int] = []
         if len(prompt) > 1:
@@ -84,9 +144,16 @@ class ModelDraft:
         """Run tokens at positions start, start + 1, ...; the next-token logits after the last one (1, V)."""
         ids = torch.tensor([tokens], device=self.device)
         pos = torch.arange(start, start + len(tokens), device=self.device)[None]
-        logits = self.model(ids, input_pos=pos, kv_cache=self.cache, last_only=True)[:, -1].float()
+        if self.step is not None and len(tokens) <= MAX_NATIVE_ROWS:  # rows of one sequence in cache row 0
+            rows = torch.zeros(len(tokens), dtype=torch.long)
+            logits = self.step(ids.view(-1, 1), pos.view(-1, 1), self.cache, cache_rows=rows)[-1:]
+        else:
+            logits = self.model(ids, input_pos=pos, kv_cache=self.cache, last_only=True)[:, -1].float()
         self.cached = self.cached[:start] + list(tokens)
         return logits
+
+    def strength(self, context: list[int]) -> int:
+        return 1
 
     def propose(self, context: list[int], k: int, seq) -> tuple[list[int], torch.Tensor | None]:
         k = min(k, self.cache.max_len - len(context))  # a draft model may have a shorter context than the target
@@ -109,8 +176,16 @@ class ModelDraft:
         return tokens, (torch.stack(qs) if qs else None)
 
 
+def native_step_for(model):
+    """A NativeDecoder packing the model's weights in 4 bits, or None where the native kernel cannot run it."""
+    if unsupported_reason(model) is not None or load_library() is None:
+        return None
+    return NativeDecoder(model)
+
+
 def self_drafter(model) -> ModelDrafter:
-    """The target's own 4-bit copy as the draft (the dense model verifies): same tokenizer, ~4× fewer bytes a step.
+    """The target's own 4-bit copy as the draft (the dense model verifies): same tokenizer, ~4× fewer bytes a step;
+    native steps on packed copies of its weights where the kernel runs (no second model), else PyTorch 4-bit copies.
     Refused for a model that already decodes from packed weights (llmlab.load's default for a 4-bit GGUF)."""
     from llmlab.model.quant import quantize_int4
     from llmlab.model.transformer import MLP, Attention
@@ -120,7 +195,10 @@ def self_drafter(model) -> ModelDrafter:
         raise LLMLabError("--speculate self drafts with a 4-bit copy of a higher-precision model, but this model "
                           "decodes from packed 4-bit weights already: add --exact (the fp32 model verifies) or use "
                           "--speculate lookup or draft:PATH")
-    return ModelDrafter(quantize_int4(copy.deepcopy(model)), name="self")
+    drafter = ModelDrafter(model, name="self")  # its native step holds the 4-bit copy; prefill is the dense model's
+    if drafter.step is None:
+        drafter = ModelDrafter(quantize_int4(copy.deepcopy(model)), name="self", native=False)
+    return drafter
 
 
 def load_draft_model(path: str, model, tokenizer) -> ModelDrafter:

@@ -74,18 +74,32 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     The nucleus is usually a few dozen tokens, so only the most likely TOP_P_CANDIDATES are ranked (a top-256 is
     ~30x cheaper than sorting a 49k vocabulary; on SmolLM2's logits at temperature 0.7 it holds the nucleus of
     97% of rows), then more, and the full sort only when those still hold less than p of the mass. The set is the
-    same either way: the candidates are the head of the sorted order."""
+    same either way: the candidates are the head of the sorted order. Each row ranks only as many as it needs, so
+    one flat row does not make the other rows of a batch sort their whole vocabulary."""
     if p >= 1.0:
         return logits
     probs = logits.softmax(dim=-1)
-    for k in TOP_P_CANDIDATES:
-        head, order = probs.topk(min(k, logits.shape[-1]), dim=-1)
-        if bool((head.sum(dim=-1) >= p).all()):
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    rows = probs.reshape(-1, probs.shape[-1])
+    flat_keep = keep.view(-1, probs.shape[-1])
+    todo = None  # indices of the rows still to settle (None: all)
+    for k in (*TOP_P_CANDIDATES, None):
+        part = rows if todo is None else rows[todo]
+        if k is None or k >= part.shape[-1]:
+            head, order = part.sort(dim=-1, descending=True)
+            done = None
+        else:
+            head, order = part.topk(k, dim=-1)
+            done = head.sum(dim=-1) >= p
+        mass_before = head.cumsum(dim=-1) - head  # probability of the more likely tokens; 0 for the top one
+        settled = torch.zeros_like(part, dtype=torch.bool).scatter_(-1, order, mass_before < p)
+        if done is None or bool(done.all()):
+            ids = slice(None) if todo is None else todo
+            flat_keep[ids] = settled
             break
-    else:
-        head, order = probs.sort(dim=-1, descending=True)
-    mass_before = head.cumsum(dim=-1) - head  # probability of the more likely tokens; 0 for the top one
-    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, mass_before < p)
+        ids = done.nonzero().squeeze(-1)
+        flat_keep[ids if todo is None else todo[ids]] = settled[ids]
+        todo = (~done).nonzero().squeeze(-1) if todo is None else todo[~done]
     return logits.masked_fill(~keep, float("-inf"))
 
 
@@ -134,13 +148,18 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
     return logits.softmax(dim=-1)
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def draw(probs: torch.Tensor, generator: torch.Generator | list | None = None) -> torch.Tensor:
     """One token per row of probs (B, V), by inverse transform: one uniform per row against the cumulative sum.
     torch.multinomial draws a random number per vocabulary entry (~1 ms a row for 49k tokens, most of a
-    16-row serving step); this costs one cumsum. A token of probability 0 is never drawn (its cdf step is empty)."""
+    16-row serving step); this costs one cumsum. A token of probability 0 is never drawn (its cdf step is empty).
+    generator: one stream for all rows, or a list of one per row (the batcher's rows, each drawing exactly what it
+    would draw alone)."""
     cdf = probs.double().cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+    if isinstance(generator, (list, tuple)):
+        u = torch.cat([torch.rand(1, 1, generator=g, dtype=torch.float64, device=probs.device) for g in generator])
+    else:
+        u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
 def row_generator(seed: int | None, index: int, device="cpu") -> torch.Generator:

@@ -31,7 +31,9 @@ SCALINGS = ("linear", "ntk", "yarn")  # what a load-time --rope-scaling may choo
 def rope_inv_freq(cfg) -> torch.Tensor:
     """Rotation frequency per pair of head dimensions, with the config's scaling applied."""
     hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    # on the CPU even inside a meta-device model construction: arange there runs a decomposition that imports
+    # torch._dynamo and sympy (70 MiB resident); a model moved with .to() takes its buffers along
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd))
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
@@ -66,7 +68,7 @@ def _yarn_inv_freq(inv_freq: torch.Tensor, theta: float, hd: int, scaling: dict)
     low, high = max(low, 0), min(high, hd - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(hd // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(hd // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1: a fast dimension, kept as trained; 0: a slow one, interpolated
     return inv_freq / factor * (1 - keep) + inv_freq * keep
 

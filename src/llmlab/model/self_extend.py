@@ -50,17 +50,25 @@ class SelfExtendAttention(Attention):
         rep = self.n_heads // self.n_kv_heads
         k_near, k_far, v = k_near[:, :, None], k_far[:, :, None], v[:, :, None]
         scale = 1.0 / math.sqrt(self.head_dim)
+        ascending = bool((key_pos[:, 1:] >= key_pos[:, :-1]).all())  # a prompt's positions: keys can be sliced
         out = []
         for start in range(0, T, QUERY_CHUNK):
             qc, pos = q[:, :, start:start + QUERY_CHUNK], input_pos[:, start:start + QUERY_CHUNK]
+            # keys [0, hi) are the ones any query of the chunk sees (causal); keys before lo are far for all of
+            # them, so near scores are needed on [lo, hi) only: a long prefill costs one causal score matrix
+            hi, lo = key_pos.shape[1], 0
+            if ascending:
+                hi = int((key_pos <= pos.max()).sum(-1).max())
+                lo = min(hi, int((key_pos <= pos.min() - self.window).sum(-1).min()))
             q_near = self._rotate(qc, pos).unflatten(1, (self.n_kv_heads, rep))
             q_far = self._rotate(qc, pos // self.group + self.window - self.window // self.group)
             q_far = q_far.unflatten(1, (self.n_kv_heads, rep))
-            distance = (pos[:, :, None] - key_pos[:, None, :])[:, None, None]  # (B, 1, 1, Tc, S)
-            scores = torch.where(distance < self.window, q_near @ k_near.transpose(-1, -2),
-                                 q_far @ k_far.transpose(-1, -2)).float() * scale
-            scores = scores.masked_fill(distance < 0, float("-inf"))
-            out.append((scores.softmax(dim=-1).to(v.dtype) @ v).flatten(1, 2))
+            distance = (pos[:, :, None] - key_pos[:, None, :hi])[:, None, None]  # (B, 1, 1, Tc, hi)
+            scores = q_far @ k_far[..., :hi, :].transpose(-1, -2)
+            near = q_near @ k_near[..., lo:hi, :].transpose(-1, -2)
+            scores[..., lo:] = torch.where(distance[..., lo:] < self.window, near, scores[..., lo:])
+            scores = scores.float().masked_fill(distance < 0, float("-inf")) * scale
+            out.append((scores.softmax(dim=-1).to(v.dtype) @ v[..., :hi, :]).flatten(1, 2))
         y = torch.cat(out, dim=2).transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(y)
 

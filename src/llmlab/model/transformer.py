@@ -216,8 +216,13 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        # nn.Embedding's own N(0, 1), except on the meta device (checkpoints are loaded into a meta model): normal_
+        # there runs a decomposition that imports torch._dynamo and sympy, 70 MiB of resident memory and a second
+        embed = torch.empty(cfg.vocab_size, cfg.dim)
+        if not embed.is_meta:
+            nn.init.normal_(embed)
         self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.dim),
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.dim, _weight=embed),
             layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers)),
             norm=make_norm(cfg),
         ))

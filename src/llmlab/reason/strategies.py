@@ -24,7 +24,8 @@ def _check_k(name: str, k: int):
 def sample(meter: Meter, item: dict, prompt, n: int = 1, max_tokens: int = 256, temperature: float | None = 0.0,
            seed: int | None = 0, logprobs: bool = False):
     """n generations for one prompt, recorded in the trace with their extracted answers."""
-    params = GenParams(max_tokens=max_tokens, temperature=temperature, seed=seed, n=n, logprobs=logprobs)
+    params = GenParams(max_tokens=max_tokens, temperature=temperature, seed=seed, n=n, logprobs=logprobs,
+                       stop=list(item.get("stop") or []))  # an lm-eval task's `until`
     gens = meter.complete([prompt], params)[0]
     meter.trace.samples += [g.text for g in gens]
     meter.trace.sample_tokens += [g.completion_tokens for g in gens]

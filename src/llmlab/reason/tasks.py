@@ -107,13 +107,17 @@ GENERATORS = {
     "count_letters": _train_family("count_letters", "number"),
     "sort_list": _train_family("sort_list", "list"),
 }
-TASKS = list(GENERATORS) + ["bios", "PATH.jsonl"]
+TASKS = list(GENERATORS) + ["bios", "PATH.jsonl", "PATH.yaml (an lm-eval task)"]
 
 
 def make_items(task: str, n: int, seed: int = 0) -> list[dict]:
-    """n questions of a task (a pure function of task, n and seed), or the first n of a JSONL file."""
+    """n questions of a task (a pure function of task, n and seed), or the first n of a JSONL file or of an
+    lm-eval task YAML's test split (PATH.yaml, or PATH.yaml#FILTER to pick its answer filter)."""
     if n < 1:
         raise LLMLabError(f"the number of questions must be at least 1, got {n}")
+    if task.partition("#")[0].endswith((".yaml", ".yml")):
+        from llmlab.reason.lm_eval_task import load_task
+        return load_task(task, n)
     if task.endswith(".jsonl"):
         return load_jsonl(task)[:n]
     if task == "bios":
@@ -235,6 +239,9 @@ def extract_bios(text: str, attribute: str) -> str | None:
 def extract_answer(text: str, item: dict) -> str | None:
     """The reply's final answer in the item's canonical form, or None when it states none."""
     kind = item["kind"]
+    if kind == "lm-eval":
+        from llmlab.reason.lm_eval_task import extract
+        return extract(text, item)
     if kind == "number":
         return extract_number(text)
     if kind == "list":

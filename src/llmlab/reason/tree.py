@@ -89,7 +89,7 @@ def tree_of_thoughts(client, item, breadth: int = 3, beam: int = 2, scorer="like
         if not states:
             return []
         params = GenParams(max_tokens=step_tokens, temperature=temperature, seed=seed + 1000 * len(states[0].steps),
-                           n=breadth, stop=["\n"], logprobs=True)
+                           n=breadth, stop=["\n"] + list(item.get("stop") or []), logprobs=True)
         out = meter.complete([head + s.text for s in states], params, chat=False)
         children = []
         for state, gens in zip(states, out):

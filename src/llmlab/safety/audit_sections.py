@@ -10,6 +10,7 @@ import numpy as np
 
 from llmlab.client import ModelClient
 from llmlab.safety.redteam.rates import fmt, fmt_difference, rate
+from llmlab.safety.stats import bootstrap_mean_interval
 
 AUDIT_DEFENCES = ("none", "perplexity", "smoothllm", "paraphrase", "hierarchy")
 # (context, a claim it supports, a claim it contradicts): the grounding check should rank the first above the second
@@ -185,12 +186,15 @@ def hallucination_section(client: ModelClient, budget: str, out_dir: Path, state
         claims = check_grounding(client, context, f"{good} {bad}")["claims"]
         ranked.append(claims[0]["support"] > claims[-1]["support"])
     grounding = rate(sum(ranked), len(ranked))
+    conf_lo, conf_hi = bootstrap_mean_interval(cal["confidences"])
     md = (f"Multiple-choice calibration on bios_mc ({cal['n']} questions): accuracy {fmt(acc)}, mean confidence "
-          f"{cal['mean_confidence']:.2f}, ECE {cal['ece']:.3f} [{ece_ci[0]:.3f}, {ece_ci[1]:.3f}] (bootstrap).\n\n"
+          f"{cal['mean_confidence']:.2f} [{conf_lo:.2f}, {conf_hi:.2f}] (bootstrap), ECE {cal['ece']:.3f} "
+          f"[{ece_ci[0]:.3f}, {ece_ci[1]:.3f}] (bootstrap).\n\n"
           f"Grounding check (the model's P(Yes) that a context supports a claim): the supported claim scored above "
           f"the contradicted one in {fmt(grounding)} of hand-written pairs (chance: 0.5).")
     data = {"mc_calibration": {k: cal[k] for k in ("task", "n", "accuracy", "mean_confidence", "ece", "bins")},
-            "accuracy": acc, "ece_ci95": ece_ci, "grounding_pairs_ranked": grounding}
+            "accuracy": acc, "ece_ci95": ece_ci, "mean_confidence_ci95": [conf_lo, conf_hi],
+            "grounding_pairs_ranked": grounding}
 
     def reliability(ax):
         bins = cal["bins"]

@@ -17,10 +17,12 @@ DETECTORS = ("loglik", "logrank", "entropy", "binoculars", "curvature")
 # +1: a higher raw score means machine-written; -1: a lower one does
 MACHINE_SIGN = {"loglik": 1, "logrank": -1, "entropy": -1, "binoculars": -1, "curvature": 1}
 CURVATURE_PERTURBATIONS = 8  # DetectGPT used 100 with T5 fills; a CPU budget allows a few
-# thresholds on the raw scores for SmolLM2 (fp32, observer = performer). To be the accuracy-maximising cuts on the
-# calibration half of experiments/detect_zero_shot.py's pairs (its scores.json "thresholds"); PROVISIONAL until
-# that run finishes (rough values read off a few pairs)
-THRESHOLDS = {"smollm2": {"loglik": -2.2, "logrank": 1.0, "entropy": 2.3, "binoculars": 0.95}}
+# thresholds on the raw scores for SmolLM2 (fp32, observer = performer): the accuracy-maximising cuts on the
+# calibration half of the pairs (scores.json "thresholds") of the run `experiments/detect_zero_shot.py --n 120
+# --curvature 8 --curvature-pairs 30` (2026-12-01, experiments/results/detect/): test-half accuracy loglik 0.96,
+# logrank 0.96, entropy 0.70, binoculars 0.98. No curvature cut: on 30 pairs its AUROC was 0.42 [0.28, 0.58] and
+# its test-half accuracy 0.50, no better than chance, so a verdict from it would mislead
+THRESHOLDS = {"smollm2": {"loglik": -2.470, "logrank": 1.202, "entropy": 2.777, "binoculars": 0.922}}
 
 
 def check_detectors(names) -> list[str]:
@@ -132,9 +134,10 @@ def looks_machine(scores: dict, thresholds: dict) -> dict[str, bool]:
     return {name: (scores[name] - cut) * MACHINE_SIGN[name] > 0 for name, cut in thresholds.items() if name in scores}
 
 
-def audit_section(llm_or_client, budget: str = "small", out_dir=None) -> dict:
+def audit_section(llm_or_client, budget: str = "small", out_dir=None, n_pairs: int | None = None) -> dict:
     """AUROC of each zero-shot detector (95% bootstrap intervals) on stdlib docstrings against this model's own
-    continuations of the same openings (small: 16 pairs; full: 120). Needs an in-process model."""
+    continuations of the same openings (small: 16 pairs, no curvature; full: 120 pairs, curvature with 8
+    perturbations; n_pairs overrides the count), and their ROC curves. Needs an in-process model."""
     import numpy as np
 
     from llmlab.safety.detect_pairs import make_pairs
@@ -145,17 +148,48 @@ def audit_section(llm_or_client, budget: str = "small", out_dir=None) -> dict:
     if llm is None:
         return {"title": title, "markdown": "Not measured: the detectors need full next-token distributions (an "
                 "in-process model).", "data": {}, "plots": []}
-    n = 16 if budget == "small" else 120
-    pairs = make_pairs(llm, n, max_tokens=48 if budget == "small" else 64, seed=0)
-    human = detection_scores([p["human"] for p in pairs], llm)
-    machine = detection_scores([p["machine"] for p in pairs], llm)
-    rows = []
-    for name in DETECTORS:
+    small = budget == "small"
+    pairs = make_pairs(llm, n_pairs or (16 if small else 120), max_tokens=48 if small else 64, seed=0)
+    curvature = 0 if small else CURVATURE_PERTURBATIONS
+    human = detection_scores([p["human"] for p in pairs], llm, curvature=curvature)
+    machine = detection_scores([p["machine"] for p in pairs], llm, curvature=curvature)
+    rows, curves = [], {}
+    for name in (d for d in DETECTORS if d in human[0]):
         sign = MACHINE_SIGN[name]
         m, h = sign * np.array([s[name] for s in machine]), sign * np.array([s[name] for s in human])
         rows.append({"detector": name, "auroc": auroc(m, h), "ci": bootstrap_auroc_interval(m, h)})
+        cuts = np.sort(np.concatenate([m, h, [np.inf]]))[::-1]
+        curves[name] = ([float((h >= c).mean()) for c in cuts], [float((m >= c).mean()) for c in cuts])
     lines = [f"{len(pairs)} pairs: Python stdlib docstring paragraphs (human) vs the model's continuations of the same "
-             "32-token openings, cut to the same length.", "", "| detector | AUROC [95% bootstrap] |", "|---|---|"]
-    lines += [f"| {r['detector']} | {r['auroc']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] |" for r in rows]
+             "32-token openings, cut to the same length; the model scores both (Binoculars with itself as observer)"
+             + ("; the DetectGPT-style curvature runs at the full budget only." if small else "."), "",
+             "| detector | AUROC [95% bootstrap] |", "|---|---|"]
+    lines += [f"| {r['detector']} | {r['auroc']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"
+              f"{' *' if r['ci'][0] == r['ci'][1] else ''} |" for r in rows]
+    if any(r["ci"][0] == r["ci"][1] for r in rows):
+        lines += ["", f"\\* Perfect separation of {len(pairs)} pairs: resampling them cannot show the uncertainty (a "
+                  "bootstrap interval of zero width), so read the larger run below."]
+    lines += ["", "For scale, with 1.5B-20B models on news and stories: DetectGPT (Mitchell et al. 2023) reports "
+              "AUROC 0.95 for its curvature against 0.81 for the best baseline on GPT-NeoX-20B; Binoculars (Hans et "
+              "al. 2024) catches over 90% of ChatGPT text at a 0.01% false-positive rate. The 120-pair run with "
+              "intervals is in `experiments/results/detect/`."]
     return {"title": title, "markdown": "\n".join(lines) + "\n", "data": {"n_pairs": len(pairs), "auroc": rows},
-            "plots": []}
+            "plots": [_roc_plot(curves, out_dir)]}
+
+
+def _roc_plot(curves: dict, out_dir) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llmlab.safety.watermark import save_plot
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    for name, (fpr, tpr) in curves.items():
+        ax.plot(fpr, tpr, label=name)
+    ax.plot([0, 1], [0, 1], ":", color="gray")
+    ax.set_xlabel("false positive rate (human called machine)")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("Zero-shot detection ROC", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_plot(fig, out_dir, "detect_roc.png")

@@ -89,3 +89,14 @@ def expected_calibration_error(confidences, correct, n_bins: int = 10) -> float:
     bins = calibration_bins(confidences, correct, n_bins)
     total = sum(b["count"] for b in bins)
     return float(sum(b["count"] / total * abs(b["accuracy"] - b["confidence"]) for b in bins))
+
+
+def bootstrap_mean_interval(values, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of a mean (for mean z, mean loss, mean confidence: small n, no normality)."""
+    x = np.asarray(values, float)
+    if len(x) == 0:
+        raise LLMLabError("a mean's interval needs at least one value")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)

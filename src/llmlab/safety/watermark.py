@@ -254,7 +254,7 @@ def audit_section(llm_or_client, budget: str = "small", out_dir=None) -> dict:
     """Watermark strength on this model: z of watermarked and plain answers (gamma 0.25, delta 2, lefthash h=1),
     the detection rate at z > 4 with Wilson intervals, and a plot of z by text. Needs an in-process model."""
     from llmlab.safety.perplexity import _local_llm
-    from llmlab.safety.stats import wilson_interval
+    from llmlab.safety.stats import bootstrap_mean_interval, wilson_interval
     title = "Watermark (Kirchenbauer et al. 2023)"
     llm = _local_llm(llm_or_client)
     if llm is None:
@@ -274,10 +274,14 @@ def audit_section(llm_or_client, budget: str = "small", out_dir=None) -> dict:
             "false_positive": {"rate": false / n, "ci": wilson_interval(false, n)}}
     lo, hi = data["detected"]["ci"]
     flo, fhi = data["false_positive"]["ci"]
+    data["mean_z_ci95"] = {k: bootstrap_mean_interval(v) for k, v in zs.items()}
+    cell = {k: f"{np.mean(v):.2f} [{data['mean_z_ci95'][k][0]:.2f}, {data['mean_z_ci95'][k][1]:.2f}]"
+            for k, v in zs.items()}
     markdown = (f"gamma {config.gamma}, delta {config.delta}, {config.scheme} h={config.context_width}; {n} answers of "
-                f"{length} tokens at temperature 1.\n\n| | mean z | z > 4 (95% Wilson) |\n|---|---|---|\n"
-                f"| watermarked | {np.mean(zs['watermarked']):.2f} | {hit}/{n} [{lo:.2f}, {hi:.2f}] |\n"
-                f"| plain | {np.mean(zs['plain']):.2f} | {false}/{n} [{flo:.2f}, {fhi:.2f}] |\n")
+                f"{length} tokens at temperature 1. The paper (OPT-1.3B, T = 200): z > 4 detects with a false-positive "
+                f"rate of 3e-5.\n\n| | mean z [95% bootstrap] | z > 4 (95% Wilson) |\n|---|---|---|\n"
+                f"| watermarked | {cell['watermarked']} | {hit}/{n} [{lo:.2f}, {hi:.2f}] |\n"
+                f"| plain | {cell['plain']} | {false}/{n} [{flo:.2f}, {fhi:.2f}] |\n")
     plots = [_z_plot(zs, out_dir)]
     return {"title": title, "markdown": markdown, "data": data, "plots": plots}
 

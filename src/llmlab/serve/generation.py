@@ -109,18 +109,26 @@ async def relay(state: ServerState, jobs, chunks: StreamChunks, choice_for, fini
     """Server-sent events for running jobs: a chunk per text piece, then the usage chunk and [DONE].
     choice_for(job index, event) -> a choice dict, a list of them or None; finish() -> usage, called once all are done.
     A client that goes away stops this generator (Starlette cancels it), and the finally cancels the jobs."""
-    queue: asyncio.Queue = asyncio.Queue()
+    if len(jobs) == 1:  # one request (every chat request): read its events directly, no task in between
+        only = jobs[0][1]
 
-    async def pump(k, events):
-        while True:
-            await queue.put((k, await events.get()))
+        async def next_event():
+            return 0, await only.get()
+        pumps = []
+    else:  # several prompts (completions): one task per request funnels its events into one queue
+        queue: asyncio.Queue = asyncio.Queue()
+        next_event = queue.get
 
-    pumps = [asyncio.create_task(pump(k, events)) for k, (_, events) in enumerate(jobs)]
+        async def pump(k, events):
+            while True:
+                await queue.put((k, await events.get()))
+
+        pumps = [asyncio.create_task(pump(k, events)) for k, (_, events) in enumerate(jobs)]
     first = last = None
     remaining = sum(req.n for req, _ in jobs)  # completions whose "finish" event has not come yet
     try:
         while remaining:
-            k, event = await queue.get()
+            k, event = await next_event()
             remaining -= event[0] == "finish"
             if event[0] == "error":
                 yield stream_error("generation failed", "server_error") + "data: [DONE]\n\n"

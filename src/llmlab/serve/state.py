@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from llmlab.engine.batcher import ContinuousBatcher, Request
@@ -34,6 +36,38 @@ class ServerOptions:
     embedding_model: str | None = None  # served at /v1/embeddings (a name or model directory); None: no embeddings
 
 
+class Mailbox:
+    """Events from the batcher's thread to asyncio queues on the event loop, with one wake-up of the loop for all the
+    events that arrive before it runs (a step's 16 deltas), not one each: every wake-up costs the loop a pass and the
+    batcher the GIL while a decode step is running."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: deque = deque()
+        self.scheduled = False
+
+    def put(self, queue: asyncio.Queue, event):
+        """Called from any thread."""
+        with self.lock:
+            self.pending.append((queue, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self.deliver)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            pass
+
+    def deliver(self):
+        """In the event loop: hand every pending event to its queue."""
+        with self.lock:
+            pending, self.pending = self.pending, deque()
+            self.scheduled = False
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 class ServerState:
     """One per app (app.state.server): routes reach it through their request's app."""
 
@@ -47,6 +81,7 @@ class ServerState:
         self.created = int(time.time())
         self.store: FeedbackStore | None = None
         self.json_vocab = None  # token texts for JSON-constrained decoding, built on first use
+        self.mailbox: Mailbox | None = None  # the batcher's events on their way to the event loop
         self.speculative = None
         if options.speculate:
             from llmlab.engine.speculative import SpeculativeDecoder
@@ -109,13 +144,12 @@ class ServerState:
     def submit(self, prompt_ids, params, n, constraint_factory=None):
         """Submit to the batcher; returns (request, asyncio queue of its events). Call from the event loop."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        if self.mailbox is None or self.mailbox.loop is not loop:
+            self.mailbox = Mailbox(loop)
+        mailbox, events = self.mailbox, asyncio.Queue()
 
         def sink(event):
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the event loop is gone (server shutting down)
-                pass
+            mailbox.put(events, event)
 
         if self.speculative is not None and can_speculate(n, constraint_factory, params):
             req = SpeculativeRequest(prompt_ids, params, sink, timeout=self.options.request_timeout)

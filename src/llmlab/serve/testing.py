@@ -16,7 +16,6 @@ def running_server(llm_or_name="smollm2", **options):
     so the OpenAI API is at base + "/v1"); stop it on exit. options: ServerOptions fields (api_keys, max_batch,
     max_len, max_queue, request_timeout, max_body_bytes, db, log_prompts, prefix_cache, model_name)."""
     from llmlab.serve.app import create_app
-    from llmlab.serve.run import address, bind, uvicorn_server
     from llmlab.serve.state import ServerOptions
 
     known = {f.name for f in fields(ServerOptions)}
@@ -29,7 +28,19 @@ def running_server(llm_or_name="smollm2", **options):
         options.setdefault("model_name", llm_or_name)
     else:
         llm = llm_or_name
-    app = create_app(llm, ServerOptions(**options))
+    app = create_app(llm, ServerOptions(**options))  # (allocates the batcher's cache: parallel work in this thread)
+    if llm.engine.native_step is not None:  # as in `llmlab serve`, whose main thread frees its pool at start-up:
+        from llmlab.engine.native import release_thread_pool  # the server decodes in its own thread, and a second
+        release_thread_pool()  # live OpenMP pool makes libgomp sleep at barriers (see there)
+    with serving(app) as url:
+        yield url
+
+
+@contextmanager
+def serving(app):
+    """Run an already built server app (e.g. one with the arena installed) on a free local port; yield its URL."""
+    from llmlab.serve.run import address, bind, uvicorn_server
+
     sock = bind("127.0.0.1", 0)
     server = uvicorn_server(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="llmlab-uvicorn", daemon=True)

@@ -98,12 +98,14 @@ def load_library():
             build(path)
         lib = ctypes.CDLL(str(path))
         lib.llmlab_step.restype = None
-        lib.llmlab_step.argtypes = [ctypes.POINTER(ModelDesc), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                    ctypes.c_void_p]
+        lib.llmlab_step.argtypes = [ctypes.POINTER(ModelDesc), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                    ctypes.c_void_p, ctypes.c_void_p]
         lib.llmlab_qmatmul.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+        lib.llmlab_qmatmul_step.argtypes = lib.llmlab_qmatmul.argtypes
         lib.llmlab_dequantize.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p]
         lib.omp_set_num_threads.argtypes = [ctypes.c_int]
+        lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
         _library = lib
     except Exception as e:  # any failure means the PyTorch path, never a crash
         print(f"llmlab: native decode kernel unavailable ({type(e).__name__}: {e}); using the PyTorch path",
@@ -114,7 +116,7 @@ def load_library():
 def threads() -> int:
     """Threads for the next native call: PyTorch's count, or 1 while the machine is oversubscribed.
 
-    A decode step has ~150 parallel sections; with more runnable processes than cores, each section waits for
+    A decode step has ~180 parallel sections and barriers; with more runnable processes than cores, each section waits for
     a descheduled thread (measured here at load 20 on 2 cores: 0.5 s per step with 2 threads, 0.05 s with 1).
     $LLMLAB_NATIVE_THREADS fixes the count.
     """
@@ -125,9 +127,25 @@ def threads() -> int:
     return 1 if n > 1 and os.getloadavg()[0] > (os.cpu_count() or 1) + 1 else n
 
 
+def release_thread_pool() -> None:
+    """Free the calling thread's OpenMP worker threads (OpenMP 5's omp_pause_resource_all, soft pause).
+
+    libgomp keeps one pool per thread that ever ran a parallel region; with more pooled threads than cores it stops
+    spinning at barriers and sleeps instead, and a native step has ~180 of them. A server loads the model in its
+    main thread and decodes in the batcher's: measured on 2 cores, 19.6 ms per step from the batcher thread while
+    the main thread's pool lived, 6.0 ms once it was freed (6.0 ms from the main thread itself)."""
+    lib = load_library()
+    if lib is not None:
+        lib.omp_pause_resource_all(1)
+
+
 def simd() -> str:
     lib = load_library()
-    return "none" if lib is None else "avx512" if lib.llmlab_simd() == 512 else "scalar"
+    if lib is None:
+        return "none"
+    if lib.llmlab_simd() != 512:
+        return "scalar"
+    return "avx512-vnni, int8 activations" if lib.llmlab_int8(-1) else "avx512"  # int8: decode.cpp, $LLMLAB_NATIVE_INT8
 
 
 class Packed:
@@ -231,14 +249,26 @@ class NativeDecoder:
         if embed_dense is None:
             self.keep.append(embed.packed)
 
-    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache,
+                 cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, V) after each row's token. Row b uses cache row cache_rows[b] (default: row b); rows of one
+        sequence at consecutive positions in the same cache row attend causally, so a speculative verify of
+        k + 1 tokens is one call: cache_rows = zeros(k + 1), input_pos = pos, pos + 1, ..."""
         tokens = tokens.reshape(-1).to(torch.long).contiguous()
         pos = input_pos.reshape(-1).to(torch.long).contiguous()
         B = tokens.shape[0]
         k, v = cache.k, cache.v
         first = k[0]
-        if first.dtype != torch.float32 or first.shape[0] < B or first.stride(3) != 1 or v[0].stride(3) != 1:
+        if first.dtype != torch.float32 or first.stride(3) != 1 or v[0].stride(3) != 1:
             raise LLMLabError("the native decode step needs an fp32 KV cache with contiguous head dimensions")
+        if pos.shape[0] != B:
+            raise LLMLabError(f"got {B} tokens but {pos.shape[0]} positions")
+        if cache_rows is not None:
+            cache_rows = cache_rows.reshape(-1).to(torch.long).contiguous()
+            if cache_rows.shape[0] != B or int(cache_rows.min()) < 0 or int(cache_rows.max()) >= first.shape[0]:
+                raise LLMLabError(f"cache_rows must give each of the {B} rows a cache row in [0, {first.shape[0]})")
+        elif first.shape[0] < B:
+            raise LLMLabError(f"{B} rows need a KV cache of at least {B} rows, it has {first.shape[0]}")
         if int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab:
             raise LLMLabError(f"token ids must be in [0, {self.vocab})")
         if int(pos.min()) < 0 or int(pos.max()) >= first.shape[2]:
@@ -249,7 +279,8 @@ class NativeDecoder:
         k_strides = (ctypes.c_int64 * 3)(*first.stride()[:3])
         v_strides = (ctypes.c_int64 * 3)(*v[0].stride()[:3])
         self.lib.omp_set_num_threads(threads())
-        self.lib.llmlab_step(ctypes.byref(self.desc), tokens.data_ptr(), pos.data_ptr(), B, k_ptrs, v_ptrs,
+        self.lib.llmlab_step(ctypes.byref(self.desc), tokens.data_ptr(), pos.data_ptr(),
+                             None if cache_rows is None else cache_rows.data_ptr(), B, k_ptrs, v_ptrs,
                              k_strides, v_strides, logits.data_ptr())
         return logits
 
