@@ -105,7 +105,6 @@ def load_library():
         lib.llmlab_qmatmul_step.argtypes = lib.llmlab_qmatmul.argtypes
         lib.llmlab_dequantize.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p]
         lib.omp_set_num_threads.argtypes = [ctypes.c_int]
-        lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
         _library = lib
     except Exception as e:  # any failure means the PyTorch path, never a crash
         print(f"llmlab: native decode kernel unavailable ({type(e).__name__}: {e}); using the PyTorch path",
@@ -135,8 +134,9 @@ def release_thread_pool() -> None:
     main thread and decodes in the batcher's: measured on 2 cores, 19.6 ms per step from the batcher thread while
     the main thread's pool lived, 6.0 ms once it was freed (6.0 ms from the main thread itself)."""
     lib = load_library()
-    if lib is not None:
-        lib.omp_pause_resource_all(1)
+    pause = getattr(lib, "omp_pause_resource_all", None) if lib is not None else None  # (libgomp of GCC 9 and later)
+    if pause is not None:
+        pause(ctypes.c_int(1))
 
 
 def simd() -> str:
