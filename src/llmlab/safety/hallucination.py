@@ -8,6 +8,7 @@ import re
 
 from llmlab.client import GenParams, ModelClient
 from llmlab.errors import LLMLabError
+from llmlab.safety.redteam.judges import yes_probabilities as yes_probabilities_of
 from llmlab.safety.stats import calibration_bins, expected_calibration_error, wilson_interval
 
 METHODS = ("yesno", "unigram")
@@ -31,20 +32,7 @@ def support_prompt(context: str, claim: str) -> str:
 def yes_probabilities(client: ModelClient, pairs: list[tuple[str, str]]) -> list[float]:
     """P(Yes) / (P(Yes) + P(No)) as the model's answer to "is the claim supported by the context?" for each
     (context, claim): two log-likelihoods, no generation, so it is a probability and not a parsed verdict."""
-    jobs = []
-    for context, claim in pairs:
-        prompt = support_prompt(context, claim)
-        rendered = client.chat_text(prompt)
-        # a chat model answers after its template's assistant turn; without a template, as plain text
-        base, sep = (rendered, "") if rendered is not None else (prompt + "\nAnswer:", " ")
-        jobs += [(base, sep + "Yes"), (base, sep + "No")]
-    lls = client.loglikelihood(jobs)
-    out = []
-    for yes, no in zip(lls[::2], lls[1::2]):
-        top = max(yes.logprob, no.logprob)
-        py, pn = math.exp(yes.logprob - top), math.exp(no.logprob - top)
-        out.append(py / (py + pn))
-    return out
+    return yes_probabilities_of(client, [support_prompt(context, claim) for context, claim in pairs])
 
 
 def unigram_support(sample: str, claim: str) -> float:

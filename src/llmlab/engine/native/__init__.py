@@ -286,8 +286,8 @@ class NativeDecoder:
 
 
 class NativeLinear(nn.Module):
-    """A projection that holds only its packed weights: the native kernel for a few rows (decode, short verify
-    steps), the dequantized weight and PyTorch's matmul for more (prefill). Replaces an nn.Linear to free its
+    """A projection that holds only its packed weights: the native kernel (fp32 activations) for a few rows (a
+    prefix-cache suffix, a short forward), the dequantized weight and PyTorch's matmul for more (prefill). Replaces an nn.Linear to free its
     dense weight; `.weight` still reads as the dense weight, dequantized afresh (writing to it changes nothing)."""
 
     def __init__(self, packed: Packed):

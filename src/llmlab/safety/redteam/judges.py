@@ -42,6 +42,7 @@ def yes_probabilities(client: ModelClient, questions: list[str]) -> list[float]:
     jobs = []
     for q in questions:
         rendered = client.chat_text(q)
+        # a chat model answers after its template's assistant turn; without a template, as plain text
         base, sep = (rendered, "") if rendered is not None else (q + "\nAnswer:", " ")
         jobs += [(base, sep + "Yes"), (base, sep + "No")]
     lls = client.loglikelihood(jobs) if jobs else []
