@@ -3,6 +3,8 @@ section module listed as skipped rather than dropped."""
 
 import json
 
+import pytest
+
 from llmlab.cli.main import main
 from llmlab.client import connect
 from llmlab.safety.audit import module_section
@@ -71,3 +73,14 @@ def test_resume_adds_sections_to_an_existing_card(tiny_ckpt, tmp_path, capsys):
     assert main(["audit", str(tiny_ckpt), "--budget", "full", "--sections", "judge", "--resume", "--out",
                  str(out)]) == 2
     assert "same model and budget" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_file_that_is_not_a_card(tmp_path):
+    from llmlab.errors import LLMLabError
+    from llmlab.safety.audit import _resumed_card
+    card = {"model": "smollm2", "budget": "small", "sections": [], "command": "llmlab audit smollm2"}
+    path = tmp_path / "card.json"
+    for text in ("{oops", "[1]"):
+        path.write_text(text)
+        with pytest.raises(LLMLabError, match="--resume adds to an existing card"):
+            _resumed_card(card, path)

@@ -110,7 +110,12 @@ def _resumed_card(card: dict, path: Path) -> dict:
     """The card at path, checked to be of the same model and budget, with this run's command added."""
     if not path.is_file():
         return card
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LLMLabError(f"{path}: not a readable audit card ({e}); --resume adds to an existing card") from None
+    if not isinstance(old, dict) or not isinstance(old.get("sections"), list):
+        raise LLMLabError(f"{path}: not an audit card (no sections); --resume adds to an existing card")
     if (old.get("model"), old.get("budget")) != (card["model"], card["budget"]):
         raise LLMLabError(f"{path} is a card of {old.get('model')} at budget {old.get('budget')}; --resume needs the "
                           f"same model and budget ({card['model']}, {card['budget']})")
