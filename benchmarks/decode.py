@@ -86,7 +86,9 @@ def run_llmlab(gguf, n_prompt, n_new, mode):
     params = SamplingParams(max_new_tokens=n_new, temperature=0, ignore_eos=True)
     engine.generate([ids], SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))  # warm-up/compile
     start = time.perf_counter() - t_start  # a fresh process to its first tokens: import, load, build/compile
-    decode_rss = reset_peak_rss()  # from here on: the peak while prefilling and decoding, without loading's
+    # from here on: the peak while prefilling and decoding, without loading's transients (VmHWM restarts from the
+    # current RSS, so all that loading left resident counts); llama-bench's figure is its whole run's peak
+    decode_rss = reset_peak_rss()
     prefill = timed(lambda: engine.prefill(ids))
     total = timed(lambda: engine.generate([ids], params), repeat=2)
     out = engine.generate([ids], params)[0].token_ids
@@ -266,6 +268,10 @@ def main():
         if floor.returncode == 0:
             ratios["python + import torch, RSS MiB"] = float(floor.stdout.strip())
             ratios["python + import torch, RSS vs llama-bench"] = float(floor.stdout) / ref["decode_rss_mib"]
+            if "llmlab default" in table:  # what is llmlab's own (benchmarks/memory.py accounts for it stage by stage)
+                ours = table["llmlab default"]["decode_rss_mib"] - float(floor.stdout)
+                ratios["llmlab default: RSS at decode above python + torch, MiB"] = ours
+                ratios["llmlab default: RSS at decode above python + torch vs llama-bench"] = ours / ref["decode_rss_mib"]
     exact = table.get("llmlab exact")
     for name, ours in llmlab_rows.items():
         if exact and name != "llmlab exact" and ours["tokens"] and exact["tokens"]:

@@ -87,6 +87,19 @@ def measure_here(base: str, model: str, clients: int, requests: int, max_tokens:
             "itl_mean": statistics.fmean(itl) if itl else None}
 
 
+def generate_tok_s(llm, requests: int, max_tokens: int) -> float:
+    """Tokens per second of client 0's requests (same prompts, seeds and options) through llm.engine.generate."""
+    from llmlab.engine import SamplingParams
+    tokens, seconds = 0, 0.0
+    for i in range(-1, requests):  # (-1: a warm-up, not counted)
+        ids = llm.prompt_ids(PROMPTS[max(i, 0) % len(PROMPTS)])
+        start = time.perf_counter()
+        out = llm.engine.generate([ids], SamplingParams(max_new_tokens=max_tokens, temperature=0.7, seed=max(i, 0)))
+        if i >= 0:
+            tokens, seconds = tokens + len(out[0].token_ids), seconds + time.perf_counter() - start
+    return round(tokens / seconds, 2)
+
+
 def shared_prefix_ttft(base: str, model: str, system_tokens: int = 500, questions: int = 4) -> float:
     """Median time to the first token of `questions` one-token chat requests that share a ~system_tokens-token system
     prompt (the first request, which fills the prefix cache, is not counted)."""
@@ -218,6 +231,7 @@ def main():
                "servers": {}}
 
     def run(name, base, model):
+        measure(base, model, 1, 1, 8)  # warm-up: a server's first request pays one-time set-up (routes, caches)
         rows = []
         for clients in levels:
             row = measure(base, model, clients, args.requests, args.max_tokens)
@@ -228,6 +242,9 @@ def main():
 
     llm = llmlab.load(gguf, int4=args.int4)
     results["llmlab_int4"] = args.int4
+    if 1 in levels:  # what the 1-client level is held to: the same requests through llmlab's generate, no server
+        results["generate_tok_s"] = generate_tok_s(llm, args.requests, args.max_tokens)
+        print(f"llmlab generate, the 1-client requests in-process: {results['generate_tok_s']} tok/s", flush=True)
     with running_server(llm, model_name=args.model, max_batch=max(levels), max_len=1024) as base:
         run("llmlab", base, args.model)
         if not args.no_prefix_ttft:
@@ -265,6 +282,7 @@ def main():
     ours = {r["clients"]: r["tokens_per_s"] for r in results["servers"]["llmlab"]}
     top = max(levels)
     verdict = {"scaling": round(ours[top] / ours[min(levels)], 2),
+               "one_client_vs_generate": round(ours[1] / results["generate_tok_s"], 2) if 1 in ours else None,
                "scaling_bar_met": ours[top] >= 3 * ours[min(levels)],
                "above_peers": {name: ours[top] > {r["clients"]: r["tokens_per_s"] for r in rows}[top]
                                for name, rows in results["servers"].items() if name != "llmlab"}}

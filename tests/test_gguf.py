@@ -40,9 +40,10 @@ def random_k_blocks(qtype, n_blocks, rng):
     return blocks
 
 
+@pytest.mark.parametrize("lean", [False, True], ids=["GGUFReader", "GGUFFile"])
 @pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q6_K],
                          ids=lambda q: q.name)
-def test_dequantize_each_type(tmp_path, qtype):
+def test_dequantize_each_type(tmp_path, qtype, lean):
     rng = np.random.default_rng(int(qtype))
     original = rng.standard_normal((ROWS, COLS)).astype(np.float32)
     if qtype == Q.F32:
@@ -59,7 +60,7 @@ def test_dequantize_each_type(tmp_path, qtype):
         expected = gguf.quants.dequantize(stored, qtype)
     norm = rng.standard_normal(COLS).astype(np.float32)
     path = write_gguf(tmp_path / "t.gguf", tensors=[("w.weight", stored, raw), ("n.weight", norm, None)])
-    tensors = {t.name: t for t in open_gguf(path).tensors}
+    tensors = {t.name: t for t in open_gguf(path, lean=lean).tensors}
     w = dequantize(tensors["w.weight"])
     assert w.dtype == torch.float32 and tuple(w.shape) == (ROWS, COLS)
     # bit-equal by design: the same gguf-py dequantizer on the same bytes, then only a reshape
@@ -70,6 +71,22 @@ def test_dequantize_each_type(tmp_path, qtype):
     else:
         assert np.isfinite(w.numpy()).all() and w.abs().max() > 0
     np.testing.assert_array_equal(dequantize(tensors["n.weight"]).numpy(), norm)
+
+
+def test_lean_reader_reads_what_gguf_reader_reads(smollm2_gguf):
+    # loading uses GGUFFile (no memory map, no per-token arrays): every metadata value, tensor entry and tensor byte
+    # of the real file must be what gguf's own reader gives (it adds pseudo-fields for the header: GGUF.*)
+    stock, lean = open_gguf(smollm2_gguf), open_gguf(smollm2_gguf, lean=True)
+    assert set(lean.fields) == {k for k in stock.fields if not k.startswith("GGUF.")}
+    for key, field in lean.fields.items():
+        ours, theirs = field.contents(), stock.fields[key].contents()
+        assert ours == theirs and type(ours) is type(theirs), key
+    assert [t.name for t in lean.tensors] == [t.name for t in stock.tensors]
+    for ours, theirs in zip(lean.tensors, stock.tensors):
+        assert (ours.tensor_type, ours.shape, ours.n_bytes) == (theirs.tensor_type, tuple(theirs.shape), theirs.n_bytes)
+        data = ours.data
+        assert data.flags.writeable and data.dtype == theirs.data.dtype
+        np.testing.assert_array_equal(data, theirs.data)
 
 
 # ---- a whole tiny Llama written the way llama.cpp's converter writes it -------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -156,8 +157,8 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, dtype=None, compile: bool = F
         (model, tokenizer, path), choice = fast
         from llmlab.engine.native import NativeDecoder, simd
         native_step = NativeDecoder(model)
-        choice = (f"native decode kernel ({simd()}, {torch.get_num_threads()} threads) on {choice}; "
-                  "prefill in fp32 from the same weights; --exact for fp32 eager")
+        choice = (f"native decode kernel ({simd()}, {torch.get_num_threads()} threads) on {choice}; prompts "
+                  "prefill through it too; --exact for fp32 eager")
     else:
         model, tokenizer, path = load_checkpoint_dense(name_or_path, dtype)
         native_step = None
@@ -172,7 +173,23 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, dtype=None, compile: bool = F
                   "or the native kernel cannot run it; --int4 for 4-bit copies)") + extended
     if announce:
         print(f"llmlab: {choice}", file=sys.stderr)
-    return LLM(model, tokenizer, path, compile=compile, native_step=native_step)
+    llm = LLM(model, tokenizer, path, compile=compile, native_step=native_step)
+    return_freed_memory()
+    return llm
+
+
+def return_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    Loading frees its temporaries (file blocks, re-laid weights, the tokenizer's build) in between the weights it
+    keeps; glibc keeps such holes resident. Measured on SmolLM2's GGUF: 15 MiB less after loading, 7 MiB less at
+    decode (benchmarks/memory.py), for a few milliseconds.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # the C library this process already uses
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)
 
 
 def parse_context_options(rope_scaling, self_extend) -> tuple | None:

@@ -1,9 +1,10 @@
 """Import llama.cpp GGUF files: dequantize the weights, undo llama.cpp's renaming and RoPE permutation.
 
 GGUF keeps the model config as `llama.*` metadata, the tokenizer as `tokenizer.ggml.*` metadata and each
-weight as a (possibly quantized) tensor under llama.cpp's names. We read them with the `gguf` package,
-dequantize to float32 with numpy and hand llmlab a ModelConfig, a state dict in Hugging Face Llama names
-and a Tokenizer (built here from the metadata: tokenizer_from_gguf).
+weight as a (possibly quantized) tensor under llama.cpp's names. Loading reads them with the lean reader of
+llmlab.checkpoint.gguf_file (open_gguf(path, lean=True): no memory map, plain values), dequantizes with the
+`gguf` package's numpy code and hands llmlab a ModelConfig, a state dict in Hugging Face Llama names and a
+Tokenizer (built here from the metadata: tokenizer_from_gguf).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
+from llmlab.checkpoint.gguf_file import GGUFFile, Truncated
 from llmlab.errors import LLMLabError
 from llmlab.model.config import ModelConfig
 from llmlab.model.transformer import Transformer, rope_inv_freq
@@ -75,13 +77,6 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-class _Truncated(Exception):
-    """The reader asked for bytes past the end of the file."""
-
-    def __init__(self, end: int):
-        self.end = end
-
-
 def _fast_reader_class():
     import gguf
 
@@ -98,20 +93,24 @@ def _fast_reader_class():
                 self.data = self.data.view(np.ndarray)
             end = int(offset) + np.dtype(dtype).itemsize * int(count)
             if end > len(self.data):
-                raise _Truncated(end)
+                raise Truncated(end)
             return super()._get(offset, dtype, count, override_order)
 
     return FastGGUFReader
 
 
-def open_gguf(path: str | Path):
-    """A gguf.GGUFReader over the file, or an LLMLabError saying why it cannot be read."""
+def open_gguf(path: str | Path, lean: bool = False):
+    """A gguf.GGUFReader over the file, or an LLMLabError saying why it cannot be read.
+
+    lean=True gives a GGUFFile instead (llmlab.checkpoint.gguf_file: the same `fields[k].contents()` and
+    `tensors`, without GGUFReader's memory map and per-item arrays): what loading a model uses.
+    """
     path = Path(path)
     if not path.is_file():
         raise LLMLabError(f"no such file: {path}")
     try:
-        return _fast_reader_class()(path)
-    except _Truncated as e:
+        return GGUFFile(path) if lean else _fast_reader_class()(path)
+    except Truncated as e:
         raise LLMLabError(f"{path} is truncated or corrupt: it has {path.stat().st_size:,} bytes, but reading it "
                           f"needs {e.end:,} (an interrupted download or copy?)") from None
     except Exception as e:  # the reader raises ValueError, KeyError, IndexError... on a damaged file
@@ -152,7 +151,7 @@ def dequantize(tensor) -> torch.Tensor:
     # GGUF lists dimensions fastest-first (ne[0] = columns); PyTorch wants them slowest-first
     shape = tuple(int(n) for n in reversed(tensor.shape))
     data = np.asarray(data, dtype=np.float32).reshape(shape)
-    if not data.flags.writeable:  # F32 tensors come back as views of the read-only memory map
+    if not data.flags.writeable:  # GGUFReader's F32 tensors are views of its read-only memory map
         data = data.copy()
     return torch.from_numpy(data)
 
@@ -218,7 +217,7 @@ def _llama3_scaling(reader, cfg: ModelConfig, path) -> dict:
 
 def tokenizer_from_gguf(reader_or_path) -> Tokenizer:
     """The tokenizer a GGUF file's metadata describes (byte-level BPE, `tokenizer.ggml.model == "gpt2"`)."""
-    reader = open_gguf(reader_or_path) if isinstance(reader_or_path, (str, Path)) else reader_or_path
+    reader = open_gguf(reader_or_path, lean=True) if isinstance(reader_or_path, (str, Path)) else reader_or_path
 
     def meta(key, default=None):
         return field_value(reader, key, default)
@@ -295,7 +294,7 @@ def tensor_names(tensor, path) -> tuple[str, str]:
 
 def read_gguf(path: str | Path, reader=None) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """The config, float32 state dict (llmlab names; no lm_head when tied) and tokenizer of a llama GGUF."""
-    reader = reader or open_gguf(path)
+    reader = reader or open_gguf(path, lean=True)
     cfg = read_config(reader, path)
     state_dict = {}
     for tensor in reader.tensors:

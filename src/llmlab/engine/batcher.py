@@ -65,7 +65,7 @@ class ContinuousBatcher:
         self.max_len = min(max_len or engine.context_len, engine.context_len)
         self.device = engine.device
         # fixed shape for the server's lifetime (what a compiled decode step needs)
-        self.cache = self.model.new_cache(max_batch, self.max_len)
+        self.cache = self.model.new_cache(max_batch, self.max_len, lazy=True)  # (pages become resident as used)
         self.rows: list[Sequence | None] = [None] * max_batch
         self.logits: dict[int, torch.Tensor] = {}  # row -> next-token logits (1, V) not yet sampled from
         self.waiting: deque[Request] = deque()
@@ -74,6 +74,7 @@ class ContinuousBatcher:
         self.views: dict[tuple[int, int], object] = {}  # (rows, length) -> that view of self.cache
         self.use_prefix_cache = prefix_cache
         self.stats = {"steps": 0, "prefix_hits": 0, "prefix_tokens_reused": 0}
+        self.outbox: list[tuple[Callable, tuple]] = []  # (sink, event) handed out just before the next decode step
         self._ids = itertools.count(1)
         self._wake = threading.Condition()
         self._stopping = False
@@ -149,10 +150,12 @@ class ContinuousBatcher:
             except Exception as e:  # a bug must not leave clients waiting forever: fail what is running, go on
                 log.exception("batcher step failed")
                 for seq in [s for s in self.rows if s is not None]:
-                    seq.request.sink(("error", repr(e)))
+                    self._send(seq.request, ("error", repr(e)))
                     self._finish(seq, "error")
+                self._deliver()
         for seq in [s for s in self.rows if s is not None]:
             self._finish(seq, "cancelled")
+        self._deliver()
 
     def step(self):
         """One scheduling round: run jobs, drop cancelled work, admit, sample every busy row, decode."""
@@ -165,13 +168,24 @@ class ContinuousBatcher:
         self._expire()
         self._admit()
         busy = [s for s in self.rows if s is not None]
-        if not busy:
-            return
-        self._sample(busy)
-        still = [s for s in busy if s.finish_reason is None]
-        if still:
-            self._decode(still)
-        self.stats["steps"] += 1
+        if busy:
+            self._sample(busy)
+            still = [s for s in busy if s.finish_reason is None]
+            if still:
+                self._decode(still)
+            self.stats["steps"] += 1
+        self._deliver()
+
+    def _send(self, request: Request, event: tuple):
+        self.outbox.append((request.sink, event))
+
+    def _deliver(self):
+        """Hand out the events of this round. _decode calls it just before the decode step: a server's event loop
+        then streams them while the step runs outside the GIL, instead of taking the GIL between steps (measured
+        at 1 client: 2 ms of every 9 ms step spent waiting for it)."""
+        outbox, self.outbox = self.outbox, []
+        for sink, event in outbox:
+            sink(event)
 
     def _expire(self):
         now = time.monotonic()
@@ -186,7 +200,7 @@ class ContinuousBatcher:
         for req in [r for r in self.waiting if reason(r)]:
             self.waiting.remove(req)
             for i in range(req.n):
-                req.sink(("finish", i, reason(req)))
+                self._send(req, ("finish", i, reason(req)))
         for seq in [s for s in self.rows if s is not None]:
             why = reason(seq.request)
             if why:
@@ -227,7 +241,8 @@ class ContinuousBatcher:
             shares = self._cached_prefix(ids)[1] >= PREFIX_MIN_TOKENS or any(
                 common_prefix_len(ids, prompts[j]) >= PREFIX_MIN_TOKENS for j in together)
             (alone if shares else together).append(i)
-        if len(together) < 2 or self.model.config.n_experts:  # (expert capacity would couple batched prompts)
+        native = getattr(self.engine.native_step, "prefill", None) is not None  # (its prefill reads weights once anyway)
+        if len(together) < 2 or self.model.config.n_experts or native:  # (expert capacity would couple batched prompts)
             alone, together = sorted(alone + together), []
         out = [None] * len(prompts)
         for i, result in zip(together, self._prefill_batch([prompts[i] for i in together])):
@@ -294,9 +309,7 @@ class ContinuousBatcher:
             self.prefixes.move_to_end(best)
             one = self.model.new_cache(1, len(ids))
             one.copy_row(0, self.prefixes[best][1], length=best_len)
-            rest = torch.tensor([ids[best_len:]], dtype=torch.long, device=self.device)
-            pos = torch.arange(best_len, len(ids), device=self.device)[None]
-            last = self.model(rest, input_pos=pos, kv_cache=one, last_only=True)[:, -1].float()
+            last, _ = self.engine.prefill(ids[best_len:], cache=one, start=best_len)
             self.stats["prefix_hits"] += 1
             self.stats["prefix_tokens_reused"] += best_len
         else:
@@ -314,7 +327,7 @@ class ContinuousBatcher:
                 continue
             delta = seq.text.take()
             if delta:
-                seq.request.sink(("delta", seq.index, delta, seq.unsent))
+                self._send(seq.request, ("delta", seq.index, delta, seq.unsent))
                 seq.unsent = []
 
     def _finish(self, seq: Sequence, reason: str):
@@ -325,9 +338,9 @@ class ContinuousBatcher:
             seq.finish(reason)
         delta = seq.text.take(final=True)
         if delta or seq.unsent:
-            seq.request.sink(("delta", seq.index, delta, seq.unsent))
+            self._send(seq.request, ("delta", seq.index, delta, seq.unsent))
             seq.unsent = []
-        seq.request.sink(("finish", seq.index, reason))
+        self._send(seq.request, ("finish", seq.index, reason))
         self.rows[seq.row] = None
         self.logits.pop(seq.row, None)
 
@@ -350,6 +363,7 @@ class ContinuousBatcher:
                 view = self.views[n_rows, length] = cache_view(self.cache, n_rows, length)
         tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         pos = torch.tensor(pos, dtype=torch.long, device=self.device)[:, None]
+        self._deliver()
         logits = self.engine.decode_step(tokens, pos, view)
         for s in seqs:
             self.logits[s.row] = logits[s.row:s.row + 1]

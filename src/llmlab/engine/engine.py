@@ -36,11 +36,18 @@ class Engine:
     # ---- the only two places the model runs while generating ---------------------------------------------
 
     @torch.no_grad()
-    def prefill(self, ids: list[int], max_len: int | None = None):
-        """Run a whole prompt; return the logits after its last token (1, V) and a batch-1 cache holding it."""
-        cache = self.model.new_cache(1, max_len or len(ids))
+    def prefill(self, ids: list[int], max_len: int | None = None, cache=None, start: int = 0):
+        """Run a prompt; return the logits after its last token (1, V) and the batch-1 cache holding it. With
+        `cache` (holding the prompt's first `start` tokens, e.g. a cached system prompt), ids are the rest.
+
+        With the native step the prompt runs through it too, in chunks (llmlab.engine.native: each token's logits
+        are what a decode step of it computes, so prefill and decode never disagree); else one PyTorch forward."""
+        if cache is None:
+            cache = self.model.new_cache(1, max_len or start + len(ids))
+        if getattr(self.native_step, "prefill", None) is not None:
+            return self.native_step.prefill(ids, start, cache), cache
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-        logits = self.model(idx, input_pos=torch.arange(len(ids), device=self.device)[None],
+        logits = self.model(idx, input_pos=torch.arange(start, start + len(ids), device=self.device)[None],
                             kv_cache=cache, last_only=True)
         return logits[:, -1].float(), cache
 
@@ -98,9 +105,13 @@ class Engine:
         cache = self.model.new_cache(B, self._cache_len(max(s.prompt_len + s.limit for s in seqs)))
         logits = []
         for j, p in enumerate(prompts):
-            last, one = self.prefill(p)
-            for row in range(j * n, (j + 1) * n):
-                cache.copy_row(row, one, length=len(p))
+            if B == 1:  # straight into the batch cache: no second cache of the prompt alive while decoding
+                last, _ = self.prefill(p, cache=cache)
+            else:
+                last, one = self.prefill(p)
+                for row in range(j * n, (j + 1) * n):
+                    cache.copy_row(row, one, length=len(p))
+                del one
             logits.append(last.expand(n, -1))
         logits = torch.cat(logits)
         pos = torch.tensor([[s.prompt_len] for s in seqs], device=self.device)  # where each row's next token goes

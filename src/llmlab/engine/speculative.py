@@ -4,8 +4,7 @@ prefix it agrees with is kept, plus one token of its own. On the native decode p
 forward is one native step of k + 1 rows sharing one cache row; otherwise the PyTorch forward of k + 1 tokens.
 
 Greedy output is the plain engine's (each kept token is the target's own argmax; on the native path a verify row
-computes what a one-row step does: exactly with the int8 (VNNI) kernels, which compute each row alone; the fp32
-ones sum 1-2 rows in another order than more, so at a near-tie of two logits the texts may part). With sampling, rejection
+computes exactly what a one-row step does: its kernels never depend on the batch). With sampling, rejection
 sampling keeps the target distribution p (Leviathan et al. 2023, Chen et al. 2023): a token x drawn from the
 draft's q is kept with probability min(1, p(x)/q(x)); on rejection the token is drawn from norm(max(0, p - q)).
 A lookup draft is a point mass (q(x) = 1): x is kept with probability p(x), else drawn from p without x.

@@ -7,6 +7,7 @@ checkpoint loads by name alone; GPT-2 and Mixtral files are renamed in llmlab.ch
 from __future__ import annotations
 
 import math
+import mmap
 
 import torch
 import torch.nn as nn
@@ -62,13 +63,23 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device="cpu",
-                 far_keys: bool = False):
+                 far_keys: bool = False, lazy: bool = False):
+        """lazy: on the CPU, zero pages the kernel maps only when first written (a server's cache for 16 rows of
+        2,048 slots is 1.4 GB zeroed up front, most of it never used)."""
         self.max_len = max_len
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+
+        def zeros():
+            if lazy and torch.device(device).type == "cpu":
+                count = batch_size * cfg.n_kv_heads * max_len * cfg.head_dim
+                pages = mmap.mmap(-1, max(1, count * torch.empty((), dtype=dtype).element_size()))
+                return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)  # (the tensor keeps pages alive)
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.k = [zeros() for _ in range(cfg.n_layers)]
+        self.v = [zeros() for _ in range(cfg.n_layers)]
         # Self-Extend (llmlab.model.self_extend) also keeps each key rotated at its grouped position
-        self.k_far = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)] if far_keys else []
+        self.k_far = [zeros() for _ in range(cfg.n_layers)] if far_keys else []
 
     @property
     def batch_size(self) -> int:
@@ -284,10 +295,10 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return self.lm_head(x)
 
-    def new_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, lazy: bool = False) -> KVCache:
         p = self.model.norm.weight  # not the embedding's: a packed one (llmlab.engine.native) has no dense weight
         return KVCache(self.config, batch_size, max_len, dtype=dtype or p.dtype, device=p.device,
-                       far_keys=getattr(self, "self_extend", None) is not None)
+                       far_keys=getattr(self, "self_extend", None) is not None, lazy=lazy)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

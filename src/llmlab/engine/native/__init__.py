@@ -30,7 +30,9 @@ from llmlab.model.quant import pack_groups
 SOURCE = Path(__file__).with_name("decode.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 ATTN_NAMES, MLP_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
-MAX_NATIVE_ROWS = 8  # a NativeLinear call of more rows (prefill) dequantizes and uses PyTorch's matmul
+MAX_NATIVE_ROWS = 8  # a NativeLinear call of more rows dequantizes and uses PyTorch's matmul
+DEQUANT_ROWS = 4096  # output rows dequantized at a time for a NativeLinear call of many rows
+PREFILL_ROWS = 64  # prompt tokens per native call of NativeDecoder.prefill (the weights are read once per call)
 
 _library = None
 _tried = False
@@ -100,10 +102,11 @@ def load_library():
         lib.llmlab_step.restype = None
         lib.llmlab_step.argtypes = [ctypes.POINTER(ModelDesc), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                     ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                    ctypes.c_void_p, ctypes.c_void_p]
+                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         lib.llmlab_qmatmul.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         lib.llmlab_qmatmul_step.argtypes = lib.llmlab_qmatmul.argtypes
-        lib.llmlab_dequantize.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p]
+        lib.llmlab_dequantize.argtypes = [ctypes.POINTER(QMat), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        lib.llmlab_embed.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         lib.omp_set_num_threads.argtypes = [ctypes.c_int]
         _library = lib
     except Exception as e:  # any failure means the PyTorch path, never a crash
@@ -148,28 +151,84 @@ def simd() -> str:
     return "avx512-vnni, int8 activations" if lib.llmlab_int8(-1) else "avx512"  # int8: decode.cpp, $LLMLAB_NATIVE_INT8
 
 
+TILE = 16  # output rows per tile of the kernel's layout (decode.cpp)
+
+
+def to_tiles(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int):
+    """GGUF's row order (pack_groups' q (out, bytes), d, m (out, groups)) -> decode.cpp's tiles of 16 rows, the last
+    padded with zero rows: per tile and group, steps of 16 lanes x 4 bytes (lane = row), then 16 d and 16 m."""
+    out, groups = d.shape
+    pad = -out % TILE
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, q.shape[1])])
+        d, m = torch.cat([d, d.new_zeros(pad, groups)]), torch.cat([m, m.new_zeros(pad, groups)])
+    tiles, steps = (out + pad) // TILE, q.shape[1] // groups // 4
+    q = q.reshape(tiles, TILE, groups, steps, 4).permute(0, 2, 3, 1, 4).contiguous()
+    d, m = (t.reshape(tiles, TILE, groups).transpose(1, 2).contiguous() for t in (d, m))
+    return q, d, m
+
+
+def from_tiles(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, out: int):
+    """The inverse of to_tiles: (q, d, m) in GGUF's row order."""
+    tiles, groups = d.shape[:2]
+    q = q.permute(0, 3, 1, 2, 4).reshape(tiles * TILE, -1)[:out]
+    d, m = (t.transpose(1, 2).reshape(tiles * TILE, groups)[:out] for t in (d, m))
+    return q.contiguous(), d.contiguous(), m.contiguous()
+
+
 class Packed:
-    """One projection as (q, d, m, bias) tensors and the QMat that points into them (they must stay alive)."""
+    """One projection in decode.cpp's tiled layout and the QMat that points into it (the tensors must stay alive).
+    Made from GGUF's row order (pack_groups' q, d, m); canonical() gives that order back."""
 
     def __init__(self, q, d, m, bias, bits: int):
         # fp16 scales: what GGUF stores (so exact for its Q4_1/Q8_0 tensors), a fifth less to read than fp32
-        self.q, self.d, self.m, self.bits = q.contiguous(), d.half().contiguous(), m.half().contiguous(), bits
+        self.out_features, self.in_features, self.bits = d.shape[0], d.shape[1] * 32, bits
+        self.q, self.d, self.m = to_tiles(q.contiguous(), d.half(), m.half(), bits)
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        self.out_features, self.in_features = self.d.shape[0], self.d.shape[1] * 32
+        self._point()
+
+    def _point(self):
         self.qmat = QMat(self.q.data_ptr(), self.d.data_ptr(), self.m.data_ptr(),
                          self.bias.data_ptr() if self.bias is not None else None,
-                         self.out_features, self.in_features, bits)
+                         self.out_features, self.in_features, self.bits)
 
-    def __deepcopy__(self, memo):  # the QMat holds raw pointers: point a copy at copied tensors
-        bias = None if self.bias is None else self.bias.clone()
-        return Packed(self.q.clone(), self.d.clone(), self.m.clone(), bias, self.bits)
+    def canonical(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, d, m) in GGUF's row order, as pack_groups gives them (a copy)."""
+        return from_tiles(self.q, self.d, self.m, self.out_features)
 
-    def dequantized(self) -> torch.Tensor:
-        w = torch.empty(self.out_features, self.in_features)
+    def with_bias(self, bias) -> "Packed":
+        """The same weights (shared, not copied) with a bias."""
+        other = self.__deepcopy__(None, share=True)
+        other.bias = None if bias is None else bias.detach().float().contiguous()
+        other._point()
+        return other
+
+    def __deepcopy__(self, memo, share: bool = False):  # the QMat holds raw pointers: point a copy at copied tensors
+        other = object.__new__(Packed)
+        other.__dict__.update(self.__dict__)
+        if not share:
+            other.q, other.d, other.m = self.q.clone(), self.d.clone(), self.m.clone()
+            other.bias = None if self.bias is None else self.bias.clone()
+        other._point()
+        return other
+
+    def dequantized(self, first: int = 0, last: int | None = None) -> torch.Tensor:
+        """The dense fp32 weight, or its output rows [first, last)."""
+        last = self.out_features if last is None else last
+        w = torch.empty(last - first, self.in_features)
         lib = load_library()
         lib.omp_set_num_threads(threads())
-        lib.llmlab_dequantize(ctypes.byref(self.qmat), w.data_ptr())
+        lib.llmlab_dequantize(ctypes.byref(self.qmat), first, last, w.data_ptr())
         return w
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The dequantized rows idx (any shape) -> (*idx.shape, in_features)."""
+        flat = idx.reshape(-1).to(torch.long).contiguous()
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.out_features):
+            raise IndexError(f"row index out of range [0, {self.out_features})")
+        out = torch.empty(flat.shape[0], self.in_features)
+        load_library().llmlab_embed(ctypes.byref(self.qmat), flat.data_ptr(), flat.shape[0], out.data_ptr())
+        return out.view(*idx.shape, self.in_features)
 
     @classmethod
     def of(cls, linear: nn.Module, bits: int) -> "Packed":
@@ -250,10 +309,11 @@ class NativeDecoder:
             self.keep.append(embed.packed)
 
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache,
-                 cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+                 cache_rows: torch.Tensor | None = None, logit_rows: int | None = None) -> torch.Tensor:
         """Logits (B, V) after each row's token. Row b uses cache row cache_rows[b] (default: row b); rows of one
         sequence at consecutive positions in the same cache row attend causally, so a speculative verify of
-        k + 1 tokens is one call: cache_rows = zeros(k + 1), input_pos = pos, pos + 1, ..."""
+        k + 1 tokens is one call: cache_rows = zeros(k + 1), input_pos = pos, pos + 1, ...
+        logit_rows: only the last logit_rows rows' logits are computed and returned (a prompt's chunk needs one)."""
         tokens = tokens.reshape(-1).to(torch.long).contiguous()
         pos = input_pos.reshape(-1).to(torch.long).contiguous()
         B = tokens.shape[0]
@@ -273,7 +333,10 @@ class NativeDecoder:
             raise LLMLabError(f"token ids must be in [0, {self.vocab})")
         if int(pos.min()) < 0 or int(pos.max()) >= first.shape[2]:
             raise LLMLabError(f"positions must be in [0, {first.shape[2]}) (the KV cache's length)")
-        logits = torch.empty(B, self.vocab)
+        logit_rows = B if logit_rows is None else logit_rows
+        if not 1 <= logit_rows <= B:
+            raise LLMLabError(f"logit_rows must be in [1, {B}], got {logit_rows}")
+        logits = torch.empty(logit_rows, self.vocab)
         k_ptrs = (ctypes.c_void_p * self.n_layers)(*[t.data_ptr() for t in k])
         v_ptrs = (ctypes.c_void_p * self.n_layers)(*[t.data_ptr() for t in v])
         k_strides = (ctypes.c_int64 * 3)(*first.stride()[:3])
@@ -281,7 +344,22 @@ class NativeDecoder:
         self.lib.omp_set_num_threads(threads())
         self.lib.llmlab_step(ctypes.byref(self.desc), tokens.data_ptr(), pos.data_ptr(),
                              None if cache_rows is None else cache_rows.data_ptr(), B, k_ptrs, v_ptrs,
-                             k_strides, v_strides, logits.data_ptr())
+                             k_strides, v_strides, logits.data_ptr(), logit_rows)
+        return logits
+
+    def prefill(self, ids: list[int], start: int, cache, row: int = 0) -> torch.Tensor:
+        """Feed a prompt's tokens at positions start, start + 1, ... into cache row `row` (which holds the tokens
+        before start), PREFILL_ROWS rows per native call; return the logits after the last one (1, V).
+
+        Each row computes exactly what a decode step of that token alone computes (the kernels and the attention
+        never depend on the batch), so a prompt prefilled whole, in parts (a cached prefix) or token by token gives
+        the same logits."""
+        if not ids:
+            raise LLMLabError("nothing to prefill")
+        for s in range(0, len(ids), PREFILL_ROWS):
+            part = ids[s:s + PREFILL_ROWS]
+            logits = self(torch.tensor(part), torch.arange(start + s, start + s + len(part)), cache,
+                          torch.full((len(part),), row), logit_rows=1)
         return logits
 
 
@@ -310,8 +388,13 @@ class NativeLinear(nn.Module):
             lib = load_library()
             lib.omp_set_num_threads(threads())
             lib.llmlab_qmatmul(ctypes.byref(self.packed.qmat), rows.data_ptr(), rows.shape[0], y.data_ptr())
-        else:
-            y = F.linear(rows, self.packed.dequantized(), self.packed.bias)
+        else:  # PyTorch's matmul on DEQUANT_ROWS dequantized output rows at a time (a whole 49k x 576 head is 108 MB)
+            y = torch.empty(rows.shape[0], self.out_features)
+            for first in range(0, self.out_features, DEQUANT_ROWS):
+                last = min(self.out_features, first + DEQUANT_ROWS)
+                y[:, first:last] = rows @ self.packed.dequantized(first, last).T
+            if self.packed.bias is not None:
+                y += self.packed.bias
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
@@ -329,12 +412,7 @@ class NativeEmbedding(nn.Module):
         return self.packed.dequantized()
 
     def forward(self, idx):
-        q = self.packed.q[idx]
-        if self.packed.bits == 4:  # byte j of a group holds values j (low nibble) and j + 16 (high)
-            q = q.view(*idx.shape, -1, 16)
-            q = torch.cat([q & 15, q >> 4], -1)
-        q = q.float().view(*idx.shape, -1, 32)
-        return (q * self.packed.d[idx].float()[..., None] + self.packed.m[idx].float()[..., None]).flatten(-2)
+        return self.packed.rows(idx)
 
 
 def free_dense_weights(model, decoder: NativeDecoder) -> NativeDecoder:

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__F16C__)
@@ -90,152 +91,116 @@ struct ModelDesc {
 
 namespace {
 
-inline int64_t row_bytes(const QMat& W) { return W.bits == 4 ? W.in / 2 : W.in; }
+// ---- the tiled weight layout -----------------------------------------------------------------------------------
+//
+// The output rows are stored in tiles of 16 (the last one padded with zero rows), so that lane l of a 512-bit
+// vector is output row l of the tile: a tile's results come out as one vector, with no sums across lanes. Per tile
+// and group g of 32 inputs: S steps of 64 bytes (S = 4 for 4 bits, 8 for 8 bits), step i holding in lane l the
+// four bytes 4i..4i+3 of row l's group (GGUF's bytes: for 4 bits byte j holds q[j] in its low nibble and q[j + 16]
+// in its high one); then d and m as 16 fp16 per group, lane l for row l. Python's Packed makes this from GGUF's
+// order and gives it back (llmlab/engine/native/__init__.py); the bytes and scales themselves are unchanged.
+constexpr int64_t TILE = 16;
 
-// ---- y[r, o] = sum_i w[o, i] x[r, i] for NB rows of x and the output rows [o0, o1) ------------------------------
+inline int64_t steps(const QMat& W) { return W.bits == 4 ? 4 : 8; }
+inline int64_t tiles(const QMat& W) { return (W.out + TILE - 1) / TILE; }
 
+// q, d and m of weight (o, i) in the tiled layout (the plain loops and the row reads use these)
+inline int qvalue(const QMat& W, int64_t o, int64_t i) {
+  const int64_t groups = W.in / GROUP, t = o / TILE, l = o % TILE, g = i / GROUP, j = i % GROUP;
+  const int64_t byte = W.bits == 4 ? j % 16 : j;
+  const uint8_t b = W.q[((t * groups + g) * steps(W) + byte / 4) * 64 + l * 4 + byte % 4];
+  return W.bits == 4 ? (j < 16 ? b & 15 : b >> 4) : b;
+}
+inline float dvalue(const QMat& W, int64_t o, int64_t g) { return half_to_float(W.d[((o / TILE) * (W.in / GROUP) + g) * TILE + o % TILE]); }
+inline float mvalue(const QMat& W, int64_t o, int64_t g) { return half_to_float(W.m[((o / TILE) * (W.in / GROUP) + g) * TILE + o % TILE]); }
+
+void dequantize_row(const QMat& W, int64_t o, float* out) {
+  for (int64_t i = 0; i < W.in; ++i) out[i] = dvalue(W, o, i / GROUP) * qvalue(W, o, i) + mvalue(W, o, i / GROUP);
+}
+
+// ---- y[r, 16t + l] = sum_i w[16t + l, i] x[r, i] for NB rows of x and one tile t -------------------------------
+//
+// Every (output, row) pair takes the same operations in the same order whatever NB is, so a row's result never
+// depends on its batch (a verify, a prefill chunk, the batcher's rows): per group the dot product with q, times
+// d, then plus m times the group's sum of x, i.e. sum_i (d q_i + m) x_i = d (q . x) + m (sum of x).
+
+// Stores a tile's 16 results of one row, fewer in a padded last tile.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-template <int BITS>
-inline void dequant_group(const uint8_t* q, float d, float m, __m512& w0, __m512& w1) {
-  const __m512 dv = _mm512_set1_ps(d), mv = _mm512_set1_ps(m);
-  __m512i lo, hi;
-  if (BITS == 4) {
-    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-    lo = _mm512_and_si512(v, _mm512_set1_epi32(15));
-    hi = _mm512_srli_epi32(v, 4);
-  } else {
-    lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-    hi = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
-  }
-  w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), dv, mv);
-  w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), dv, mv);
+#define LLMLAB_AVX512 1
+inline void store_tile(const QMat& W, int64_t t, __m512 v, float* y) {
+  const int64_t live = std::min<int64_t>(TILE, W.out - t * TILE);
+  _mm512_mask_storeu_ps(y + t * TILE, live == TILE ? __mmask16(0xFFFF) : __mmask16((1u << live) - 1), v);
 }
 
-template <int BITS, int NB>
-void rows_kernel(const QMat& W, int64_t o0, int64_t o1, const float* x, int64_t ldx, float* y, int64_t ldy) {
-  const int64_t groups = W.in / GROUP, rb = row_bytes(W), gb = GROUP * BITS / 8;
-  for (int64_t o = o0; o < o1; ++o) {
-    const uint8_t* q = W.q + o * rb;
-    const uint16_t* d = W.d + o * groups;
-    const uint16_t* m = W.m + o * groups;
-    __m512 acc[2 * NB];  // two chains per row (low and high half of each group): half the FMA latency chain
-    for (int r = 0; r < 2 * NB; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512 w0, w1;
-      dequant_group<BITS>(q + g * gb, half_to_float(d[g]), half_to_float(m[g]), w0, w1);
-      for (int r = 0; r < NB; ++r) {
-        const float* xr = x + r * ldx + g * GROUP;
-        acc[2 * r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc[2 * r]);
-        acc[2 * r + 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc[2 * r + 1]);
-      }
-    }
-    for (int r = 0; r < NB; ++r) y[r * ldy + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc[2 * r], acc[2 * r + 1]));
-  }
-}
+inline __m512 broadcast(float v) { return _mm512_set1_ps(v); }
 
-// For one or two rows: sum_i (d q_i + m) x_i = d (q . x) + m (sum of x) per group, so each group costs a
-// multiply-add per half and one scaling, not a dequantization; the m terms are one short dot product per row
-// with the group sums of x (xs, precomputed). Same fp32 arithmetic, a third fewer instructions.
+// fp32 activations: each byte position of a step, shifted down and masked, is one weight per lane; four chains
+// (low/high nibble, even/odd byte) keep the FMAs' latency hidden at one row.
 template <int BITS, int NB>
-void rows_factored(const QMat& W, int64_t o0, int64_t o1, const float* x, int64_t ldx, const float* xs, float* y,
-                   int64_t ldy) {
-  const int64_t groups = W.in / GROUP, rb = row_bytes(W), gb = GROUP * BITS / 8;
-  std::vector<float> scales(groups + 16);
-  float* dr = scales.data();
-  for (int64_t o = o0; o < o1; ++o) {
-    const uint8_t* q = W.q + o * rb;
-    const uint16_t* d = W.d + o * groups;
-    const uint16_t* m = W.m + o * groups;
-    __m512 acc[NB], mterm[NB];
-    for (int r = 0; r < NB; ++r) acc[r] = mterm[r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g += 16) {
-      const __mmask16 k = groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1);
-      _mm512_storeu_ps(dr + g, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, d + g)));
-      const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, m + g));
-      for (int r = 0; r < NB; ++r) mterm[r] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, xs + r * groups + g), mterm[r]);
-    }
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512 q0, q1;
-      const uint8_t* qg = q + g * gb;
-      if (BITS == 4) {
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg)));
-        q0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
-        q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-      } else {
-        q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg))));
-        q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg + 16))));
-      }
-      const __m512 dv = _mm512_set1_ps(dr[g]);
-      for (int r = 0; r < NB; ++r) {
-        const float* xr = x + r * ldx + g * GROUP;
-        const __m512 t = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xr + 16), _mm512_mul_ps(q0, _mm512_loadu_ps(xr)));
-        acc[r] = _mm512_fmadd_ps(t, dv, acc[r]);
+void tile_fp32(const QMat& W, int64_t t, const float* x, int64_t ldx, const float* xs, int64_t lds, float* y,
+               int64_t ldy) {
+  constexpr int S = BITS == 4 ? 4 : 8;
+  const int64_t groups = W.in / GROUP;
+  const uint8_t* q = W.q + t * groups * S * 64;
+  const uint16_t* d = W.d + t * groups * TILE;
+  const uint16_t* m = W.m + t * groups * TILE;
+  const __m512i mask = _mm512_set1_epi32(BITS == 4 ? 15 : 255);
+  __m512 acc[NB];
+  for (int r = 0; r < NB; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 chain[NB][4];
+    for (int r = 0; r < NB; ++r)
+      for (int c = 0; c < 4; ++c) chain[r][c] = _mm512_setzero_ps();
+    for (int i = 0; i < S; ++i) {
+      const __m512i v = _mm512_loadu_si512(q + (g * S + i) * 64);
+      for (int k = 0; k < 4; ++k) {
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * k), mask));
+        const __m512 hi = BITS == 4 ? _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * k + 4), mask)) : lo;
+        for (int r = 0; r < NB; ++r) {
+          const float* xr = x + r * ldx + g * GROUP + 4 * i + k;
+          chain[r][k & 1] = _mm512_fmadd_ps(lo, broadcast(xr[0]), chain[r][k & 1]);
+          if (BITS == 4) chain[r][2 + (k & 1)] = _mm512_fmadd_ps(hi, broadcast(xr[16]), chain[r][2 + (k & 1)]);
+        }
       }
     }
-    for (int r = 0; r < NB; ++r) y[r * ldy + o] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], mterm[r]));
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + g * TILE)));
+    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + g * TILE)));
+    for (int r = 0; r < NB; ++r) {
+      const __m512 dot = _mm512_add_ps(_mm512_add_ps(chain[r][0], chain[r][1]), _mm512_add_ps(chain[r][2], chain[r][3]));
+      acc[r] = _mm512_fmadd_ps(mv, broadcast(xs[r * lds + g]), _mm512_fmadd_ps(dot, dv, acc[r]));
+    }
   }
+  for (int r = 0; r < NB; ++r) store_tile(W, t, acc[r], y + r * ldy);
 }
-#define LLMLAB_FACTORED 1
 #else
 template <int BITS, int NB>
-void rows_kernel(const QMat& W, int64_t o0, int64_t o1, const float* x, int64_t ldx, float* y, int64_t ldy) {
-  const int64_t groups = W.in / GROUP, rb = row_bytes(W), gb = GROUP * BITS / 8;
-  float w[GROUP];
-  for (int64_t o = o0; o < o1; ++o) {
-    float acc[NB] = {0};
-    for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* q = W.q + o * rb + g * gb;
-      const float d = half_to_float(W.d[o * groups + g]), m = half_to_float(W.m[o * groups + g]);
-      for (int j = 0; j < 16; ++j) {
-        const int lo = BITS == 4 ? (q[j] & 15) : q[j], hi = BITS == 4 ? (q[j] >> 4) : q[j + 16];
-        w[j] = d * lo + m;
-        w[j + 16] = d * hi + m;
+void tile_fp32(const QMat& W, int64_t t, const float* x, int64_t ldx, const float* xs, int64_t lds, float* y,
+               int64_t ldy) {
+  const int64_t groups = W.in / GROUP;
+  for (int64_t o = t * TILE; o < std::min(W.out, (t + 1) * TILE); ++o)
+    for (int r = 0; r < NB; ++r) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        float dot = 0.f;
+        for (int64_t j = 0; j < GROUP; ++j) dot += qvalue(W, o, g * GROUP + j) * x[r * ldx + g * GROUP + j];
+        acc += dot * dvalue(W, o, g) + mvalue(W, o, g) * xs[r * lds + g];
       }
-      for (int r = 0; r < NB; ++r) {
-        const float* xr = x + r * ldx + g * GROUP;
-        float s = 0.f;
-        for (int j = 0; j < GROUP; ++j) s += w[j] * xr[j];
-        acc[r] += s;
-      }
+      y[r * ldy + o] = acc;
     }
-    for (int r = 0; r < NB; ++r) y[r * ldy + o] = acc[r];
-  }
 }
 #endif
-
-template <int BITS>
-void rows_any(const QMat& W, int64_t o0, int64_t o1, const float* x, int64_t ldx, const float* xs, int64_t B, float* y,
-              int64_t ldy) {
-#if defined(LLMLAB_FACTORED)
-  if (B == 1) return rows_factored<BITS, 1>(W, o0, o1, x, ldx, xs, y, ldy);
-  if (B == 2) return rows_factored<BITS, 2>(W, o0, o1, x, ldx, xs, y, ldy);
-#endif
-  for (int64_t b = 0; b < B; b += 8) {  // up to eight rows share each dequantized group (16 accumulators)
-    const float* xb = x + b * ldx;
-    float* yb = y + b * ldy;
-    switch (std::min<int64_t>(8, B - b)) {
-      case 1: rows_kernel<BITS, 1>(W, o0, o1, xb, ldx, yb, ldy); break;
-      case 2: rows_kernel<BITS, 2>(W, o0, o1, xb, ldx, yb, ldy); break;
-      case 3: rows_kernel<BITS, 3>(W, o0, o1, xb, ldx, yb, ldy); break;
-      case 4: rows_kernel<BITS, 4>(W, o0, o1, xb, ldx, yb, ldy); break;
-      case 5: rows_kernel<BITS, 5>(W, o0, o1, xb, ldx, yb, ldy); break;
-      case 6: rows_kernel<BITS, 6>(W, o0, o1, xb, ldx, yb, ldy); break;
-      case 7: rows_kernel<BITS, 7>(W, o0, o1, xb, ldx, yb, ldy); break;
-      default: rows_kernel<BITS, 8>(W, o0, o1, xb, ldx, yb, ldy); break;
-    }
-  }
-}
 
 // ---- int8 activations x 4-/8-bit weights (AVX512-VNNI), llama.cpp's Q8 x Q4 dot product ----------------------
 //
 // Each row of x is rounded once per matmul to 8 bits per group of 32 (x_i ~ s xq_i, s = max |x| / 127), so that per
-// group sum_i (d q_i + m) x_i ~ d s (q . xq) + m s (sum of xq): the integer dot q . xq is _mm512_dpbusd_epi32 (64
-// u8 x s8 products per instruction, exact in int32). The m term takes the rounded sum too, not x's exact one: so the
-// rounding errors e_i meet the centred weights d q_i + m, not d q_i alone (whose mean, ~7.5 d for 4 bits and ~128 d
-// for Q8_0, would turn them into a bias: SmolLM2's top-1 agreed with the exact model's at 91% of 1200 positions that
-// way, at 96.8% this way; llama.cpp's at 96.5%). The activations' rounding (at most s/2 per value) is the only
-// approximation; llmlab_int8(0) switches back to the fp32 kernels.
-#if defined(LLMLAB_FACTORED) && defined(__AVX512VNNI__)
+// group sum_i (d q_i + m) x_i ~ d s (q . xq) + m s (sum of xq): the integer dot q . xq is _mm512_dpbusd_epi32 (16
+// lanes of four u8 x s8 products, exact in int32), one 64-byte step of the tile against four bytes of xq broadcast.
+// The m term takes the rounded sum too, not x's exact one: so the rounding errors e_i meet the centred weights
+// d q_i + m, not d q_i alone (whose mean, ~7.5 d for 4 bits and ~128 d for Q8_0, would turn them into a bias:
+// SmolLM2's top-1 agreed with the exact model's at 91% of 1200 positions that way, at 96.8% this way; llama.cpp's at
+// 96.5%). The activations' rounding (at most s/2 per value) is the only approximation; llmlab_int8(0) switches back
+// to the fp32 kernels.
+#if defined(LLMLAB_AVX512) && defined(__AVX512VNNI__)
 #define LLMLAB_VNNI 1
 // $LLMLAB_NATIVE_INT8=0 starts with the fp32 kernels (e.g. to compare both paths); llmlab_int8() switches later
 int int8_activations = [] {
@@ -243,109 +208,96 @@ int int8_activations = [] {
   return v && v[0] == '0' ? 0 : 1;
 }();
 
-// x quantized in the order its weights' kernel reads it. 4 bits: a weight byte holds values j and j + 16 of its
-// group, so per block of four groups 64 bytes of values 0-15 (group 0 | 1 | 2 | 3), then 64 of values 16-31: one
-// 64-byte load of weights gives the low nibbles for the first and the high ones for the second. 8 bits: as in x.
 struct QuantX {
-  int64_t groups = 0, padded = 0;  // padded to whole blocks of four groups (the padding is zero)
-  std::vector<int8_t> q;           // (B, padded * 32)
-  std::vector<float> scale, sum;   // (B, padded): s per group, and s times the group's sum of xq
-  std::vector<float> lanes;        // (B, padded * 8): s per lane of the kernel's dot products (see rows_int8)
+  int64_t groups = 0;
+  std::vector<int8_t> q;          // (B, in), x's order
+  std::vector<float> scale, sum;  // (B, groups): s per group, and s times the group's sum of xq
 };
 
-void quantize_rows(const float* x, int64_t ldx, int64_t B, int64_t in, int bits, QuantX& X) {
+void quantize_rows(const float* x, int64_t ldx, int64_t B, int64_t in, QuantX& X) {
   X.groups = in / GROUP;
-  X.padded = (X.groups + 3) / 4 * 4;
-  X.q.assign(B * X.padded * GROUP, 0);
-  X.scale.assign(B * X.padded, 0.f);
-  X.sum.assign(B * X.padded, 0.f);
+  X.q.resize(B * in);
+  X.scale.resize(B * X.groups);
+  X.sum.resize(B * X.groups);
   for (int64_t r = 0; r < B; ++r)
     for (int64_t g = 0; g < X.groups; ++g) {
       const __m512 a = _mm512_loadu_ps(x + r * ldx + g * GROUP), b = _mm512_loadu_ps(x + r * ldx + g * GROUP + 16);
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
       const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
       const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
-      X.scale[r * X.padded + g] = amax / 127.f;
-      X.sum[r * X.padded + g] = amax / 127.f * float(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
-      int8_t* out = X.q.data() + r * X.padded * GROUP;
-      int8_t *lo = out + g * GROUP, *hi = lo + 16;
-      if (bits == 4) lo = out + g / 4 * 128 + g % 4 * 16, hi = lo + 64;
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), _mm512_cvtsepi32_epi8(qa));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi), _mm512_cvtsepi32_epi8(qb));
+      X.scale[r * X.groups + g] = amax / 127.f;
+      X.sum[r * X.groups + g] = amax / 127.f * float(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
+      int8_t* out = X.q.data() + r * in + g * GROUP;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtsepi32_epi8(qa));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm512_cvtsepi32_epi8(qb));
     }
-  // lane l of a dot product holds group l / 4 of a block of four (4 bits), l / 8 of a pair (8 bits)
-  const int64_t per_block = bits == 4 ? 4 : 2;
-  X.lanes.assign(B * X.padded * 8, 0.f);
-  for (int64_t r = 0; r < B; ++r)
-    for (int64_t g = 0; g < X.groups; ++g)
-      for (int64_t l = 0; l < 16 / per_block; ++l)
-        X.lanes[r * X.padded * 8 + g / per_block * 16 + g % per_block * (16 / per_block) + l] = X.scale[r * X.padded + g];
 }
 
-// Each row of x is computed alone in the same order whatever NB is: a row's result never depends on its batch.
+inline __m512i four_bytes(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
 template <int BITS, int NB>
-void rows_int8(const QMat& W, int64_t o0, int64_t o1, const QuantX& X, int64_t r0, float* y, int64_t ldy) {
-  const int64_t groups = X.groups, padded = X.padded, rb = row_bytes(W);
+void tile_int8(const QMat& W, int64_t t, const QuantX& X, int64_t r0, float* y, int64_t ldy) {
+  constexpr int S = BITS == 4 ? 4 : 8;
+  const int64_t groups = X.groups, in = groups * GROUP;
+  const uint8_t* q = W.q + t * groups * S * 64;
+  const uint16_t* d = W.d + t * groups * TILE;
+  const uint16_t* m = W.m + t * groups * TILE;
   const __m512i low4 = _mm512_set1_epi8(15);
-  // lane l of a dot product holds group l / 4 of a 4-bit block, group l / 8 of an 8-bit pair
-  const __m512i by4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  const __m512i by8 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  const int64_t ahead = std::max<int64_t>(1, 2048 / rb);  // rows to prefetch ahead: ~2 KB of weights
-  for (int64_t o = o0; o < o1; ++o) {
-    const uint8_t* q = W.q + o * rb;
-    const uint16_t* d = W.d + o * groups;
-    const uint16_t* m = W.m + o * groups;
-    // the weights stream from memory once per step: asking early kept 8-19% more bandwidth here (4-bit rows)
-    for (int64_t i = 0; i < rb; i += 64) _mm_prefetch(reinterpret_cast<const char*>(q + ahead * rb + i), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(d + ahead * groups), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(m + ahead * groups), _MM_HINT_T0);
-    __m512 acc[NB];
-    for (int r = 0; r < NB; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g += 16) {  // the m terms: m times s times the group's sum of xq
-      const __mmask16 k = groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1);
-      const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, m + g));
-      for (int r = 0; r < NB; ++r)
-        acc[r] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, &X.sum[(r0 + r) * padded + g]), acc[r]);
-    }
-    // per block: d per lane once (shared by the rows), then per row two dot products, s per lane and d
-    const int64_t step = BITS == 4 ? 4 : 2;
-    for (int64_t g = 0; g < groups; g += step) {
-      const int64_t bytes = std::min(step, groups - g) * (BITS == 4 ? 16 : 32);  // a short last block: masked
-      const __mmask64 k = bytes == 64 ? ~__mmask64(0) : (__mmask64(1) << bytes) - 1;
-      const __m512i v = _mm512_maskz_loadu_epi8(k, q + g * BITS * 4);
-      const __m512i lo = BITS == 4 ? _mm512_and_si512(v, low4) : v;
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-      const __mmask8 kd = __mmask8((1u << std::min(step, groups - g)) - 1);
-      const __m512 d4 = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_maskz_loadu_epi16(kd, d + g)));
-      const __m512 dv = _mm512_permutexvar_ps(BITS == 4 ? by4 : by8, d4);
-      for (int r = 0; r < NB; ++r) {
-        const int8_t* xq = X.q.data() + (r0 + r) * padded * GROUP + g * GROUP;
-        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
-        if (BITS == 4) dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xq + 64));
-        const __m512 sx = _mm512_loadu_ps(&X.lanes[(r0 + r) * padded * 8 + g / step * 16]);
-        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), sx), dv, acc[r]);
+  __m512 acc[NB];
+  for (int r = 0; r < NB; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    // the weights stream from memory once per step: asking ~2 KB early keeps the loads ahead of the dot products
+    for (int i = 0; i < S; ++i) _mm_prefetch(reinterpret_cast<const char*>(q + (g * S + i) * 64 + 2048), _MM_HINT_T0);
+    __m512i dot[NB];
+    for (int r = 0; r < NB; ++r) dot[r] = _mm512_setzero_si512();
+    for (int i = 0; i < S; ++i) {
+      const __m512i v = _mm512_loadu_si512(q + (g * S + i) * 64);
+      if (BITS == 4) {
+        const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        for (int r = 0; r < NB; ++r) {
+          const int8_t* xr = X.q.data() + (r0 + r) * in + g * GROUP + 4 * i;
+          dot[r] = _mm512_dpbusd_epi32(dot[r], lo, four_bytes(xr));
+          dot[r] = _mm512_dpbusd_epi32(dot[r], hi, four_bytes(xr + 16));
+        }
+      } else {
+        for (int r = 0; r < NB; ++r)
+          dot[r] = _mm512_dpbusd_epi32(dot[r], v, four_bytes(X.q.data() + (r0 + r) * in + g * GROUP + 4 * i));
       }
     }
-    for (int r = 0; r < NB; ++r) y[r * ldy + o] = _mm512_reduce_add_ps(acc[r]);
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + g * TILE)));
+    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + g * TILE)));
+    for (int r = 0; r < NB; ++r) {
+      const float s = X.scale[(r0 + r) * groups + g], sum = X.sum[(r0 + r) * groups + g];
+      const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(s));
+      acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sum), _mm512_fmadd_ps(scaled, dv, acc[r]));
+    }
   }
+  for (int r = 0; r < NB; ++r) store_tile(W, t, acc[r], y + r * ldy);
 }
+#endif
 
-template <int BITS>
-void rows_int8_any(const QMat& W, int64_t o0, int64_t o1, const QuantX& X, int64_t B, float* y, int64_t ldy) {
-  for (int64_t b = 0; b < B; b += 8) {  // up to eight rows (a verify of 4-7 drafts) share each load of the weights
-    switch (std::min<int64_t>(8, B - b)) {
-      case 1: rows_int8<BITS, 1>(W, o0, o1, X, b, y + b * ldy, ldy); break;
-      case 2: rows_int8<BITS, 2>(W, o0, o1, X, b, y + b * ldy, ldy); break;
-      case 3: rows_int8<BITS, 3>(W, o0, o1, X, b, y + b * ldy, ldy); break;
-      case 4: rows_int8<BITS, 4>(W, o0, o1, X, b, y + b * ldy, ldy); break;
-      case 5: rows_int8<BITS, 5>(W, o0, o1, X, b, y + b * ldy, ldy); break;
-      case 6: rows_int8<BITS, 6>(W, o0, o1, X, b, y + b * ldy, ldy); break;
-      case 7: rows_int8<BITS, 7>(W, o0, o1, X, b, y + b * ldy, ldy); break;
-      default: rows_int8<BITS, 8>(W, o0, o1, X, b, y + b * ldy, ldy); break;
+constexpr int64_t ROW_BLOCK = 8;  // rows of x per pass over a tile (its weights stay in L1 between passes)
+
+// One tile for B rows of x, in blocks of up to ROW_BLOCK rows.
+template <typename F>
+void row_blocks(int64_t B, F&& kernel) {
+  for (int64_t b = 0; b < B; b += ROW_BLOCK) {
+    switch (std::min(ROW_BLOCK, B - b)) {
+      case 1: kernel(b, std::integral_constant<int, 1>()); break;
+      case 2: kernel(b, std::integral_constant<int, 2>()); break;
+      case 3: kernel(b, std::integral_constant<int, 3>()); break;
+      case 4: kernel(b, std::integral_constant<int, 4>()); break;
+      case 5: kernel(b, std::integral_constant<int, 5>()); break;
+      case 6: kernel(b, std::integral_constant<int, 6>()); break;
+      case 7: kernel(b, std::integral_constant<int, 7>()); break;
+      default: kernel(b, std::integral_constant<int, 8>()); break;
     }
   }
 }
-#endif
 
 struct Job {
   const QMat* W;
@@ -353,48 +305,43 @@ struct Job {
   int64_t ldy;
 };
 
-// Several projections of the same input x (B, ldx) in one parallel pass over all their output rows.
+// Several projections of the same input x (B, ldx) in one parallel pass over all their tiles.
 void matmul_many(std::initializer_list<Job> job_list, const float* x, int64_t ldx, int64_t B, bool allow_int8 = true) {
   const std::vector<Job> jobs(job_list);
   const int64_t in = jobs[0].W->in, groups = in / GROUP;
+  bool int8 = false;
 #if defined(LLMLAB_VNNI)
-  const bool int8 = int8_activations && allow_int8;
-  QuantX xq[2];  // x for 4- and for 8-bit weights
-  for (const Job& j : jobs)
-    if (int8 && xq[j.W->bits == 8].q.empty()) quantize_rows(x, ldx, B, in, int(j.W->bits), xq[j.W->bits == 8]);
+  int8 = int8_activations && allow_int8;
+  QuantX xq;
+  if (int8) quantize_rows(x, ldx, B, in, xq);
 #endif
-  bool fp32 = true;  // some projection takes the fp32 kernels
-#if defined(LLMLAB_VNNI)
-  fp32 = !int8;
-#endif
-  std::vector<float> xs(fp32 ? B * groups : 0);  // group sums of each row of x, for rows_factored's m terms
-  for (int64_t r = 0; r < (fp32 ? B : 0); ++r)
+  std::vector<float> xs(int8 ? 0 : B * groups);  // group sums of each row of x, for the fp32 kernels' m terms
+  for (int64_t r = 0; r < (int8 ? 0 : B); ++r)
     for (int64_t g = 0; g < groups; ++g) {
       float sum = 0.f;
       for (int64_t j = 0; j < GROUP; ++j) sum += x[r * ldx + g * GROUP + j];
       xs[r * groups + g] = sum;
     }
-  int64_t total = 0;
-  for (const Job& j : jobs) total += j.W->out;
-  constexpr int64_t CHUNK = 16;
-  const int64_t chunks = (total + CHUNK - 1) / CHUNK;
+  std::vector<int64_t> first(jobs.size() + 1, 0);  // job j's tiles are [first[j], first[j + 1])
+  for (size_t j = 0; j < jobs.size(); ++j) first[j + 1] = first[j] + tiles(*jobs[j].W);
 #pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t begin = c * CHUNK, end = std::min(total, begin + CHUNK);
-    int64_t base = 0;
-    for (const Job& j : jobs) {
-      const int64_t o0 = std::max(begin - base, int64_t(0)), o1 = std::min(end - base, j.W->out);
-      if (o0 < o1) {
+  for (int64_t task = 0; task < first.back(); ++task) {
+    const size_t j = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
+    const QMat& W = *jobs[j].W;
+    const int64_t t = task - first[j], ldy = jobs[j].ldy;
+    float* y = jobs[j].y;
+    row_blocks(B, [&](int64_t b, auto nb) {
+      constexpr int NB = decltype(nb)::value;
 #if defined(LLMLAB_VNNI)
-        if (int8 && j.W->bits == 4) rows_int8_any<4>(*j.W, o0, o1, xq[0], B, j.y, j.ldy);
-        else if (int8) rows_int8_any<8>(*j.W, o0, o1, xq[1], B, j.y, j.ldy);
-        else
-#endif
-        if (j.W->bits == 4) rows_any<4>(*j.W, o0, o1, x, ldx, xs.data(), B, j.y, j.ldy);
-        else rows_any<8>(*j.W, o0, o1, x, ldx, xs.data(), B, j.y, j.ldy);
+      if (int8) {
+        if (W.bits == 4) tile_int8<4, NB>(W, t, xq, b, y + b * ldy, ldy);
+        else tile_int8<8, NB>(W, t, xq, b, y + b * ldy, ldy);
+        return;
       }
-      base += j.W->out;
-    }
+#endif
+      if (W.bits == 4) tile_fp32<4, NB>(W, t, x + b * ldx, ldx, xs.data() + b * groups, groups, y + b * ldy, ldy);
+      else tile_fp32<8, NB>(W, t, x + b * ldx, ldx, xs.data() + b * groups, groups, y + b * ldy, ldy);
+    });
   }
   for (const Job& j : jobs) {
     if (!j.W->bias) continue;
@@ -407,7 +354,7 @@ void matmul_many(std::initializer_list<Job> job_list, const float* x, int64_t ld
 inline float dotf(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
   float s = 0.f;
-#if defined(LLMLAB_FACTORED)
+#if defined(LLMLAB_AVX512)
   __m512 acc = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
   s = _mm512_reduce_add_ps(acc);
@@ -436,29 +383,16 @@ void rope(float* v, int64_t heads, int64_t hd, const float* cosv, const float* s
 }
 
 void embed_rows(const ModelDesc& M, const int64_t* tokens, int64_t B, float* x) {
-  const int64_t dim = M.dim;
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t t = tokens[b];
-    if (M.embed) {
-      std::memcpy(x + b * dim, M.embed + t * dim, dim * sizeof(float));
-      continue;
-    }
-    const QMat& E = *M.embed_q;
-    const uint8_t* q = E.q + t * row_bytes(E);
-    const uint16_t* d = E.d + t * (dim / GROUP);
-    const uint16_t* m = E.m + t * (dim / GROUP);
-    for (int64_t i = 0; i < dim; ++i) {
-      const int64_t g = i / GROUP, j = i % GROUP;
-      const int u = E.bits == 8 ? q[i] : j < 16 ? (q[g * 16 + j] & 15) : (q[g * 16 + j - 16] >> 4);
-      x[b * dim + i] = half_to_float(d[g]) * u + half_to_float(m[g]);
-    }
+    if (M.embed) std::memcpy(x + b * M.dim, M.embed + tokens[b] * M.dim, M.dim * sizeof(float));
+    else dequantize_row(*M.embed_q, tokens[b], x + b * M.dim);
   }
 }
 
 // Attention splits each row's positions into parts of PART (see attend)
 constexpr int64_t PART = 64;
 
-#if defined(LLMLAB_FACTORED)
+#if defined(LLMLAB_AVX512)
 // e^x for each lane (Cephes' expf: a degree-6 polynomial on x - n ln2, then * 2^n), within ~2 ulp of std::exp
 inline __m512 exp512(__m512 x) {
   x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365478515625f));
@@ -563,7 +497,7 @@ void attend_group_plain(const float* q, int64_t G, const float* Kh, int64_t kste
 
 void attend_group(const float* q, int64_t G, const float* Kh, int64_t kstep, const float* Vh, int64_t vstep,
                   int64_t s0, int64_t s1, int64_t hd, float scale, float* top, float* total, float* y) {
-#if defined(LLMLAB_FACTORED)
+#if defined(LLMLAB_AVX512)
   switch (hd) {
     case 16: return attend_group_avx512<1>(q, G, Kh, kstep, Vh, vstep, s0, s1, scale, top, total, y);
     case 32: return attend_group_avx512<2>(q, G, Kh, kstep, Vh, vstep, s0, s1, scale, top, total, y);
@@ -582,24 +516,33 @@ void attend(const ModelDesc& M, const float* q, const float* K, const float* V, 
             const int64_t* vs, const int64_t* pos, const int64_t* cache_row, int64_t B, float* out) {
   const int64_t hd = M.head_dim, H = M.n_heads, KV = M.n_kv_heads, G = H / KV;
   const float scale = 1.0f / std::sqrt(float(hd));
-  std::vector<int64_t> first(B + 1, 0);  // row b's tasks are [first[b], first[b + 1]) (KV groups x parts)
-  int64_t most = 1;
+  std::vector<int64_t> first(B + 1, 0);  // row b's slots are [first[b], first[b + 1]) (KV groups x parts)
+  for (int64_t b = 0; b < B; ++b) first[b + 1] = first[b] + KV * ((pos[b] + PART) / PART);
+  // Up to 8 consecutive rows sharing a cache row (a verify, a prefill chunk) are one task per (kv group, part):
+  // the part's keys and values are read once, from L1 after the first row, instead of once per row.
+  std::vector<int64_t> run_start, run_parts, task_first{0};
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t parts = (pos[b] + PART) / PART;
-    first[b + 1] = first[b] + KV * parts;
-    most = std::max(most, parts);
+    const bool joins = b > 0 && cache_row && cache_row[b] == cache_row[b - 1] && b - run_start.back() < 8;
+    if (!joins) run_start.push_back(b), run_parts.push_back(0);
+    run_parts.back() = std::max(run_parts.back(), (pos[b] + PART) / PART);
   }
-  const int64_t tasks = first[B];
-  std::vector<float> top(tasks * G), total(tasks * G), part_y(tasks * G * hd);
+  run_start.push_back(B);
+  for (size_t r = 0; r + 1 < run_start.size(); ++r) task_first.push_back(task_first.back() + KV * run_parts[r]);
+  const int64_t tasks = task_first.back();
+  std::vector<float> top(first[B] * G), total(first[B] * G), part_y(first[B] * G * hd);
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t b = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
-      const int64_t parts = (first[b + 1] - first[b]) / KV, g = (t - first[b]) / parts, part = (t - first[b]) % parts;
-      const int64_t row = cache_row ? cache_row[b] : b, s0 = part * PART, s1 = std::min(pos[b] + 1, s0 + PART);
-      attend_group(q + b * H * hd + g * G * hd, G, K + row * ks[0] + g * ks[1], ks[2], V + row * vs[0] + g * vs[1],
-                   vs[2], s0, s1, hd, scale, &top[t * G], &total[t * G], &part_y[t * G * hd]);
+      const int64_t run = std::upper_bound(task_first.begin(), task_first.end(), t) - task_first.begin() - 1;
+      const int64_t g = (t - task_first[run]) / run_parts[run], part = (t - task_first[run]) % run_parts[run];
+      for (int64_t b = run_start[run]; b < run_start[run + 1]; ++b) {
+        const int64_t parts = (first[b + 1] - first[b]) / KV, s0 = part * PART, s1 = std::min(pos[b] + 1, s0 + PART);
+        if (part >= parts) continue;  // this row's positions end before the part
+        const int64_t row = cache_row ? cache_row[b] : b, slot = first[b] + g * parts + part;
+        attend_group(q + b * H * hd + g * G * hd, G, K + row * ks[0] + g * ks[1], ks[2], V + row * vs[0] + g * vs[1],
+                     vs[2], s0, s1, hd, scale, &top[slot * G], &total[slot * G], &part_y[slot * G * hd]);
+      }
     }
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; ++bh) {  // softmax over the parts: rescale each to the largest maximum
@@ -623,7 +566,7 @@ void attend(const ModelDesc& M, const float* q, const float* K, const float* V, 
 // g = silu(g) * u, the SwiGLU: a vector exp where there is one (1536 scalar exps a layer were ~2% of a step)
 void silu_mul(float* g, const float* u, int64_t n) {
   int64_t i = 0;
-#if defined(LLMLAB_FACTORED)
+#if defined(LLMLAB_AVX512)
   for (; i + 16 <= n; i += 16) {
     const __m512 x = _mm512_loadu_ps(g + i);
     const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
@@ -665,30 +608,27 @@ void llmlab_qmatmul(const QMat* W, const float* x, int64_t N, float* y) {
 // The same with the decode step's activations (int8 where llmlab_int8 says so): to test its kernels on one matrix.
 void llmlab_qmatmul_step(const QMat* W, const float* x, int64_t N, float* y) { matmul_many({{W, y, W->out}}, x, W->in, N); }
 
-// The dense fp32 weight (out, in), e.g. for a prefill matmul of many rows.
-void llmlab_dequantize(const QMat* W, float* out) {
-  const int64_t groups = W->in / GROUP, rb = row_bytes(*W), gb = GROUP * W->bits / 8;
+// The dense fp32 rows [o0, o1) of the weight (o1 - o0, in).
+void llmlab_dequantize(const QMat* W, int64_t o0, int64_t o1, float* out) {
 #pragma omp parallel for schedule(static)
-  for (int64_t o = 0; o < W->out; ++o)
-    for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* q = W->q + o * rb + g * gb;
-      const float d = half_to_float(W->d[o * groups + g]), m = half_to_float(W->m[o * groups + g]);
-      float* y = out + o * W->in + g * GROUP;
-      for (int j = 0; j < 16; ++j) {
-        y[j] = d * (W->bits == 4 ? (q[j] & 15) : q[j]) + m;
-        y[j + 16] = d * (W->bits == 4 ? (q[j] >> 4) : q[j + 16]) + m;
-      }
-    }
+  for (int64_t o = o0; o < o1; ++o) dequantize_row(*W, o, out + (o - o0) * W->in);
+}
+
+// Rows of the weight (out[n] = w[tokens[n]]): a token embedding read from a packed (tied) output head.
+void llmlab_embed(const QMat* W, const int64_t* tokens, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) dequantize_row(*W, tokens[i], out + i * W->in);
 }
 
 // One decode step: tokens (B,) at positions pos (B,); k_cache/v_cache: per layer a pointer to the fp32 cache
 // (batch, kv_heads, slots, head_dim) with element strides ks/vs (batch, head, slot; head_dim is contiguous).
-// Writes each row's key and value at its position, and the next-token logits (B, vocab).
+// Writes each row's key and value at its position, and the next-token logits of the last logit_rows rows
+// (logit_rows, vocab): all B for decoding and verifying, 1 for a chunk of a prompt.
 // Row b uses cache row cache_row[b] (null: row b). Every row's key and value are written before any row attends,
 // so k + 1 rows of ONE sequence at positions p..p+k sharing a cache row are a causal forward of k + 1 tokens
 // (a speculative verify in one call).
 void llmlab_step(const ModelDesc* Mp, const int64_t* tokens, const int64_t* pos, const int64_t* cache_row, int64_t B,
-                 float* const* k_cache, float* const* v_cache, const int64_t* ks, const int64_t* vs, float* logits) {
+                 float* const* k_cache, float* const* v_cache, const int64_t* ks, const int64_t* vs, float* logits,
+                 int64_t logit_rows) {
   const ModelDesc& M = *Mp;
   const int64_t dim = M.dim, hd = M.head_dim, half = hd / 2, hidden = M.hidden;
   const int64_t qd = M.n_heads * hd, kvd = M.n_kv_heads * hd;
@@ -725,8 +665,9 @@ void llmlab_step(const ModelDesc* Mp, const int64_t* tokens, const int64_t* pos,
     matmul_many({{&M.wdown[l], tmp.data(), dim}}, gate.data(), hidden, B);
     for (int64_t i = 0; i < B * dim; ++i) x[i] += tmp[i];
   }
-  for (int64_t b = 0; b < B; ++b) rmsnorm(&x[b * dim], M.norm_final, &h[b * dim], dim, M.eps);
-  matmul_many({{M.head, logits, M.vocab}}, h.data(), dim, B);
+  const int64_t skip = B - logit_rows;  // rows whose logits nobody needs (a prefill chunk's all but last)
+  for (int64_t b = skip; b < B; ++b) rmsnorm(&x[b * dim], M.norm_final, &h[b * dim], dim, M.eps);
+  matmul_many({{M.head, logits, M.vocab}}, h.data() + skip * dim, dim, logit_rows);
 }
 
 }  // extern "C"

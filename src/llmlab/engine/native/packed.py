@@ -1,7 +1,7 @@
 """Models whose projections exist only in packed 4-/8-bit form: read straight from a GGUF's Q4_0/Q4_1/Q8_0 blocks
 (no fp32 copy is ever made), and saved to / loaded from an HF-layout checkpoint with a `quantization_config`.
 
-The packed layout (llmlab.model.quant.pack_groups) is GGUF's own: per group of 32 inputs an fp16 step d, an
+The packed layout (llmlab.model.quant.pack_groups; in memory decode.cpp's tiles of it, see Packed) is GGUF's own: per group of 32 inputs an fp16 step d, an
 fp16 minimum m and the 4-bit values two per byte (low nibble j, high nibble j + 16), so Q4_1 blocks split into
 (q, d, m) without arithmetic; Q4_0 is d·(q − 8), i.e. m = −8d; Q8_0 is d·q with q signed, i.e. q + 128 and
 m = −128d. All three are exact.
@@ -62,15 +62,15 @@ def gguf_packed(tensor, bits_if_converted: int) -> tuple[Packed, bool]:
     if kind not in EXACT_TYPES:
         return Packed(*pack_groups(dequantize(tensor), bits_if_converted), None, bits_if_converted), False
     groups = in_features // 32
-    block = torch.from_numpy(np.array(tensor.data, dtype=np.uint8)).reshape(out_features, groups, -1)
+    block = torch.from_numpy(np.asarray(tensor.data, dtype=np.uint8)).reshape(out_features, groups, -1)
     d = block[..., 0:2].contiguous().view(torch.float16).reshape(out_features, groups)
     if kind == "Q4_1":
         m = block[..., 2:4].contiguous().view(torch.float16).reshape(out_features, groups)
         q = block[..., 4:]
     elif kind == "Q4_0":
         m, q = -8 * d, block[..., 2:]
-    else:  # Q8_0: signed bytes
-        m, q = -128 * d, (block[..., 2:].view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
+    else:  # Q8_0: signed bytes s, stored as s + 128, which is the byte with its top bit flipped (no int16 copies)
+        m, q = -128 * d, block[..., 2:] ^ 128
     q = q.reshape(out_features, -1).contiguous()
     return Packed(q, d, m, None, EXACT_TYPES[kind]), True
 
@@ -78,7 +78,7 @@ def gguf_packed(tensor, bits_if_converted: int) -> tuple[Packed, bool]:
 def load_gguf_packed(path: str | Path):
     """(model, tokenizer, description) for a llama GGUF whose projections are quantized, reading them packed;
     None when they are stored dense (F32/F16/BF16) or the model is one the native step cannot run."""
-    reader = open_gguf(path)
+    reader = open_gguf(path, lean=True)  # no memory map, no per-token arrays: see llmlab.checkpoint.gguf_file
     cfg = read_config(reader, path)
     types = {t.tensor_type.name for t in reader.tensors if LAYER.match(t.name) and t.name.endswith(".weight")
              and "norm" not in t.name}
@@ -103,11 +103,11 @@ def load_gguf_packed(path: str | Path):
         exact &= was_exact
         if key.startswith(("blk.{}.attn_q.", "blk.{}.attn_k.")):
             heads = cfg.n_heads if ".attn_q." in key else cfg.n_kv_heads
-            p = Packed(unpermute_rope(p.q, heads), unpermute_rope(p.d, heads), unpermute_rope(p.m, heads), None, p.bits)
+            p = Packed(*(unpermute_rope(t, heads) for t in p.canonical()), None, p.bits)
         packed["lm_head" if is_head else name.removesuffix(".weight")] = p
     for name in [k for k in dense if k.endswith("_proj.bias")]:
         owner = packed[name.removesuffix(".bias")]
-        packed[name.removesuffix(".bias")] = Packed(owner.q, owner.d, owner.m, dense.pop(name), owner.bits)
+        packed[name.removesuffix(".bias")] = owner.with_bias(dense.pop(name))
     model = build_packed_model(cfg, dense, packed)
     kinds = "/".join(sorted(types))
     what = f"the file's own {kinds} weights ({'exact' if exact else 're-packed in groups of 32: approximate'})"
@@ -138,7 +138,7 @@ def save_quantized(model, path: str | Path, tokenizer=None, generation_config: d
     for name, module in model.named_modules():
         if isinstance(module, NativeLinear):
             p = module.packed
-            tensors.update({f"{name}.qweight": p.q, f"{name}.scales": p.d, f"{name}.mins": p.m})
+            tensors.update(zip((f"{name}.qweight", f"{name}.scales", f"{name}.mins"), p.canonical()))
             if p.bias is not None:
                 tensors[f"{name}.bias"] = p.bias
             if name != "lm_head":
