@@ -10,9 +10,11 @@ Each run is METHOD:LENGTH; SmolLM2-135M-Instruct (the GGUF, fp32 eager) is loade
 - self-extend: grouped attention (llmlab.model.self_extend) with WINDOW neighbours at true distance and the smallest
   group of 2, 4, 8, 16 that reaches LENGTH (or --group); Jin et al. 2024 report Llama-2 passing needle retrieval at
   4x its 4k context with group 4-16, window 512-2048, no training.
-One sample per (run, depth): the needle and the filler at a depth are the same in every run, so the runs are paired.
+One sample per (run, depth): the needle is drawn by the depth's index in --depths and the filler by the length, so
+runs with the same --depths list are paired (the same needle and filler in every cell).
 Writes experiments/results/long_context/{niah.md,niah.json,heatmap.png} after every run: exact retrieval and a
-fuzzy score per cell. A 16k prompt costs minutes of one core (attention is quadratic); run it on a quiet machine.
+fuzzy score per cell, with the wall-clock and CPU seconds of each run. A 16k prompt costs minutes of one core
+(attention is quadratic); run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ def main(argv=None):
     p.add_argument("--depths", default="0.1,0.5,0.9")
     p.add_argument("--group", type=int, default=0, help="Self-Extend group (0: the smallest that reaches LENGTH)")
     p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--first-needle", type=int, default=0,
+                   help="needle number of the first depth (llmlab.eval.niah.make_needle); the next depths count on")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--append", action="store_true", help="keep the rows already in OUT/niah.json (other runs)")
     args = p.parse_args(argv)
@@ -85,14 +89,17 @@ def main(argv=None):
     for method, n in runs:
         llm, trained, how = load_extended(method, n, args.group, args.window)
         kv = llm.info()["kv_cache_bytes_per_token"]
-        t0 = time.perf_counter()
-        summary = run_niah(llm, lengths=[n], depths=depths, max_tokens=16)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        summary = run_niah(llm, lengths=[n], depths=depths, max_tokens=16, first_needle=args.first_needle)
         for i, d in enumerate(depths):
             rows.append({"method": method, "how": how, "length": n, "depth": d, "exact": summary["exact"][i][0],
                          "fuzzy": round(summary["fuzzy"][i][0], 3), "output": summary["records"][i]["output"][:80],
-                         "seconds": round(time.perf_counter() - t0)})
+                         "needle": summary["records"][i]["answer"],
+                         "seconds": round(time.perf_counter() - t0),
+                         "cpu_seconds": round(time.process_time() - cpu0)})
         print(f"{how:20s} {n:6d}: exact {[r['exact'] for r in rows[-len(depths):]]} "
-              f"({time.perf_counter() - t0:.0f} s; KV cache {kv / 1024:.0f} KiB/token)", flush=True)
+              f"({time.perf_counter() - t0:.0f} s, {time.process_time() - cpu0:.0f} CPU s; "
+              f"KV cache {kv / 1024:.0f} KiB/token)", flush=True)
         write(out, rows, trained, kv)
         del llm
 
@@ -101,9 +108,13 @@ def write(out: Path, rows, trained, kv):
     from llmlab.io import atomic_write_text
     lines = [f"Needle in a haystack on SmolLM2-135M-Instruct (trained context {trained:,} tokens), exact retrieval.",
              f"Paper: {PAPER}.", f"KV cache: {kv / 1024:.0f} KiB per token in fp32.", "",
-             "| method | length | depth | exact | fuzzy | output | seconds (run) |", "|---|---:|---:|---:|---:|---|---:|"]
-    lines += [f"| {r['how']} | {r['length']} | {r['depth']:.2f} | {r['exact']:.0f} | {r['fuzzy']:.2f} | "
-              f"{r['output'].strip().replace('|', '/')!r} | {r['seconds']} |" for r in rows]
+             "Seconds per run (all its depths): wall clock on a loaded machine, and the process's CPU seconds.", "",
+             "| method | length | depth | needle | exact | fuzzy | output | seconds (run) | CPU seconds (run) |",
+             "|---|---:|---:|---|---:|---:|---|---:|---:|"]
+    lines += [f"| {r['how']} | {r['length']} | {r['depth']:.2f} | {r.get('needle', '')} | {r['exact']:.0f} | "
+              f"{r['fuzzy']:.2f} | "
+              f"{r['output'].strip().replace('|', '/')!r} | {r['seconds']} | {r.get('cpu_seconds', '')} |"
+              for r in rows]
     atomic_write_text(out / "niah.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "niah.json", json.dumps({"trained": trained, "rows": rows}, indent=2) + "\n")
     plot(out / "heatmap.png", rows, sorted({r["length"] for r in rows}), sorted({r["depth"] for r in rows}))
@@ -125,7 +136,7 @@ def plot(path: Path, rows, lengths, depths):
                     ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-        ax.set_title(next(r["how"] for r in rows if r["method"] == m), fontsize=9)
+        ax.set_title(" / ".join(dict.fromkeys(r["how"] for r in rows if r["method"] == m)), fontsize=9)
         ax.set_xlabel("haystack tokens")
     axes[0][0].set_ylabel("needle depth")
     fig.suptitle("SmolLM2-135M-Instruct NIAH, fuzzy retrieval score (trained context 8k)", fontsize=9)

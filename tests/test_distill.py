@@ -108,3 +108,75 @@ def test_kl_terms_are_zero_for_the_same_distribution_and_scale_with_temperature(
     kl1 = kl_terms(other, logits, 1.0)[0]
     expected = (logits.softmax(-1) * (logits.log_softmax(-1) - other.log_softmax(-1))).sum(-1)
     assert torch.allclose(kl1, expected, atol=1e-5) and bool((kl1 > 0).all())
+
+
+def test_a_draft_that_knows_only_frequent_tokens_drafts_what_the_full_model_would(teacher, chat_data, tmp_path):
+    """shrink_vocab keeps the full model's logits at the kept ids; saved with save_draft it drafts through
+    --speculate draft:PATH with the target's ids (greedy output unchanged), never proposing the catch-all row."""
+    import llmlab
+    from llmlab.checkpoint.load import load_checkpoint
+    from llmlab.engine import SamplingParams
+    from llmlab.engine.draft import DRAFT_VOCAB, ModelDrafter
+    from llmlab.engine.sequence import new_sequence
+    from llmlab.engine.speculative import SpeculativeDecoder
+    from llmlab.train.distill import frequent_tokens, load_examples, save_draft, shrink_vocab
+    model, tokenizer, _ = load_checkpoint(teacher)
+    examples = load_examples(chat_data, tokenizer)
+    keep = frequent_tokens(examples, 60, always=[model.config.eos_token_id])
+    assert len(keep) == 60 and keep[0] == model.config.eos_token_id and len(set(keep)) == 60
+    small = shrink_vocab(model, keep)
+    assert small.config.vocab_size == 61
+    ids = [t for t in examples[0][0] if t in keep][:20]  # a context the small vocabulary covers
+    with torch.no_grad():
+        full_logits = model(torch.tensor([ids]))[0]
+        small_logits = small(torch.tensor([[keep.index(t) for t in ids]]))[0]
+    # the same layers on the same embeddings: only the head's row order differs (fp32 sums, tolerance 1e-4)
+    assert torch.allclose(small_logits[:, :60], full_logits[:, keep], atol=1e-4)
+    path = save_draft(model, keep, tmp_path / "draft", tokenizer)
+    assert json.loads((path / DRAFT_VOCAB).read_text())["token_ids"] == keep
+    big = llmlab.load(teacher)
+    decoder = SpeculativeDecoder(big.engine, f"draft:{path}", draft_tokens=4, auto_off=False)
+    prompt = big.prompt_ids("What is 3 + 4?")
+    params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+    spec, plain = decoder.generate(prompt, params), big.engine.generate([prompt], params)[0]
+    if spec.token_ids != plain.token_ids:  # a k + 1 token verify rounds differently from one-token steps (~1e-6)
+        assert_greedy_up_to_ties(decode_logits(big.model, prompt, spec.token_ids), spec.token_ids, margin=1e-4)
+    # the draft is the target itself on its frequent tokens: it drafts the target's own greedy token when kept
+    in_vocab = sum(t in keep for t in spec.token_ids)
+    assert decoder.stats.accepted >= 0.5 * in_vocab > 0, (decoder.stats, in_vocab)
+    drafter = decoder.drafter
+    assert isinstance(drafter, ModelDrafter) and drafter.token_ids.tolist() == keep
+    draft = drafter.start(prompt, 64)  # sampled drafts: q lives on the target's vocabulary, zero off the list
+    seq = new_sequence(tokenizer, SamplingParams(temperature=1.0, seed=0), prompt, 16,
+                       vocab_size=model.config.vocab_size)
+    tokens, q = draft.propose(prompt, 3, seq)
+    assert q.shape == (3, model.config.vocab_size) and all(t in keep for t in tokens)
+    outside = torch.ones(model.config.vocab_size, dtype=torch.bool)
+    outside[keep] = False
+    assert float(q[:, outside].sum()) == 0 and torch.allclose(q.sum(-1), torch.ones(3))
+    (path / DRAFT_VOCAB).write_text(json.dumps({"token_ids": keep[:-1]}))
+    with pytest.raises(LLMLabError, match="draft vocabulary"):
+        SpeculativeDecoder(big.engine, f"draft:{path}")
+
+
+def test_a_frequent_token_draft_of_smollm2_drafts_natively_and_keeps_greedy_output(smollm2):
+    """SmolLM2 itself knowing 2,000 tokens plus the ones this text uses, as a draft in the native kernel (its own
+    vocabulary: 8-bit head of 2,0xx rows) for fp32 SmolLM2: the mapped drafts are the target's tokens, so nearly
+    all are kept (a 4-bit copy of the target; self-speculation keeps ~90%) and the greedy output is the plain one."""
+    from llmlab.engine import SamplingParams
+    from llmlab.engine.draft import ModelDrafter
+    from llmlab.engine.speculative import SpeculativeDecoder
+    from llmlab.train.distill import shrink_vocab
+    prompt = smollm2.prompt_ids("List three colours of the rainbow.")
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    plain = smollm2.engine.generate([prompt], params)[0]
+    keep = list(dict.fromkeys(list(range(2000)) + prompt + plain.token_ids))
+    vocab = smollm2.model.config.vocab_size
+    drafter = ModelDrafter(shrink_vocab(smollm2.model, keep), token_ids=keep, vocab_size=vocab)
+    if drafter.step is None:
+        pytest.skip("the native kernel does not run here")
+    decoder = SpeculativeDecoder(smollm2.engine, drafter, draft_tokens=4, auto_off=False)
+    spec = decoder.generate(prompt, params)
+    if spec.token_ids != plain.token_ids:  # a k + 1 token verify rounds differently from one-token steps (~1e-6)
+        assert_greedy_up_to_ties(decode_logits(smollm2.model, prompt, spec.token_ids), spec.token_ids, margin=1e-4)
+    assert decoder.stats.acceptance_rate > 0.6, decoder.stats

@@ -1,12 +1,10 @@
 """What a loaded model costs its process: no compiler stack imported by building it on the meta device, no idle
 OpenMP pool left in a thread that hands decoding to another (the server), no per-item GGUF metadata objects while
-loading and no freed heap left resident after it."""
+loading."""
 
 import os
-import platform
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -63,32 +61,3 @@ def test_loading_the_gguf_packed_builds_no_per_item_metadata(smollm2_gguf):
         tracemalloc.stop()
     assert loaded is not None
     assert peak < 50 * 2**20, f"{peak / 2**20:.1f} MiB traced while loading"
-
-
-TRIM = """
-from pathlib import Path
-from llmlab.api import return_freed_memory
-
-def rss_mib():
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024
-
-keep, holes = [], []
-for _ in range(400):  # 64 KiB blocks from the C heap (under glibc's mmap threshold), each followed by one we keep
-    holes.append(bytearray(64 * 1024))
-    holes[-1][::4096] = b"x" * 16  # written, so resident (calloc may leave fresh pages untouched)
-    keep.append(bytearray(1024))
-del holes  # 25 MiB of free heap between kept blocks: glibc keeps it resident
-before = rss_mib()
-return_freed_memory()
-print(before - rss_mib())
-"""
-
-
-def test_return_freed_memory_gives_heap_holes_back():
-    # llmlab.load calls it last: loading leaves ~15 MiB of such holes between the weights it keeps (SmolLM2's GGUF)
-    if not Path("/proc/self/status").exists() or "glibc" not in " ".join(platform.libc_ver()):
-        pytest.skip("measures glibc's heap through /proc")
-    done = subprocess.run([sys.executable, "-c", TRIM], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert float(done.stdout.split()[-1]) > 20  # MiB given back, of the 25 freed

@@ -261,9 +261,9 @@ def test_a_verify_of_k_plus_1_tokens_equals_single_steps_and_the_pytorch_forward
 
 
 @pytest.mark.parametrize("int8", [False, True])
-def test_a_native_prefill_whole_or_in_parts_gives_exactly_what_decoding_token_by_token_does(int8):
+def test_a_native_prefill_whole_or_in_parts_gives_the_same_logits_and_cache_bit_for_bit(int8):
     if int8:
-        int8_kernel()
+        int8_kernel()  # prefill keeps fp32 activations either way; the decode steps then take int8 ones
     model = tiny_model()
     native = NativeDecoder(model)
     ids = [(7 * i) % 90 + 3 for i in range(70)]  # more than PREFILL_ROWS: two native calls
@@ -273,11 +273,16 @@ def test_a_native_prefill_whole_or_in_parts_gives_exactly_what_decoding_token_by
     last_split = native.prefill(ids[33:], 33, split)
     for i, t in enumerate(ids):
         one = native(torch.tensor([[t]]), torch.tensor([[i]]), steps)
-    assert torch.equal(last, one) and torch.equal(last_split, one)
-    for a, b, c in zip(whole.k + whole.v, split.k + split.v, steps.k + steps.v):
-        assert torch.equal(a[:, :, :70], c[:, :, :70]) and torch.equal(b[:, :, :70], c[:, :, :70])
-    want = model(torch.tensor([ids]))[0, -1]  # PyTorch's fp32 forward: the int8 rounding of activations is the gap
-    assert (last[0] - want).abs().max() < (0.05 if int8 else 1e-4) * want.abs().max()
+    assert torch.equal(last, last_split)
+    for a, b in zip(whole.k + whole.v, split.k + split.v):
+        assert torch.equal(a[:, :, :70], b[:, :, :70])
+    if not int8:  # fp32 decode steps compute exactly what the prefill does, token by token
+        assert torch.equal(last, one)
+        assert all(torch.equal(a[:, :, :70], c[:, :, :70]) for a, c in zip(whole.k + whole.v, steps.k + steps.v))
+    else:  # int8 steps: the activations' rounding is the gap
+        assert (last - one).abs().max() < 0.05 * one.abs().max()
+    want = model(torch.tensor([ids]))[0, -1]  # PyTorch's fp32 forward, same weights: only the order of sums differs
+    assert (last[0] - want).abs().max() < 1e-4 * want.abs().max()
 
 
 def cache_view_rows(cache, row):

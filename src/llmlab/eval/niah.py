@@ -50,8 +50,9 @@ def haystack(tokenizer_count, n_tokens: int, needle: str, depth: float, seed: in
 
 
 def run_niah(backend, lengths=(256, 512, 1024), depths=(0.0, 0.25, 0.5, 0.75, 1.0), out_dir=None,
-             max_tokens: int = 24, seed: int = 0) -> dict:
-    """Score every (depth, length) cell; writes items.jsonl, summary.json and heatmap.png when out_dir is given."""
+             max_tokens: int = 24, seed: int = 0, first_needle: int = 0) -> dict:
+    """Score every (depth, length) cell; writes items.jsonl, summary.json and heatmap.png when out_dir is given.
+    Cell (depth i, length j) gets needle number first_needle + 1000 seed + 100 j + i (make_needle)."""
     backend = as_client(backend)
     if not lengths or not depths:
         raise LLMLabError("needle in a haystack needs at least one length and one depth")
@@ -61,7 +62,7 @@ def run_niah(backend, lengths=(256, 512, 1024), depths=(0.0, 0.25, 0.5, 0.75, 1.
     prompts, cells = [], []
     for j, n in enumerate(lengths):
         for i, d in enumerate(depths):
-            needle, question, answer = make_needle(seed * 1000 + j * 100 + i)
+            needle, question, answer = make_needle(first_needle + seed * 1000 + j * 100 + i)
             context = haystack(backend.count_tokens, n, needle, d, seed=seed + j)
             prompts.append(f"{context}\n\nBased only on the text above, answer the question. {question} "
                            f"Reply with the code only.")
@@ -92,6 +93,32 @@ def run_niah(backend, lengths=(256, 512, 1024), depths=(0.0, 0.25, 0.5, 0.75, 1.
     return summary
 
 
+# ---- passkey retrieval (Mohtashami & Jaggi 2023; the test of the Self-Extend paper) -------------------------
+# Raw text, no chat template: a short header, filler with the needle at a depth, and a prompt the key completes.
+# The key is a number from 10 to 99 (one token for a tokenizer trained with them): a small model trained on this
+# format retrieves by one attention head, which is what context extension has to keep working.
+
+PASSKEY_HEADER = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it."
+PASSKEY_QUESTION = " What is the pass key? The pass key is "
+
+
+def passkey_prompt(tokenizer_count, n_tokens: int, depth: float, seed: int) -> tuple[str, str]:
+    """(prompt of about n_tokens filler tokens plus header and question, the key it should be completed with)."""
+    key = str(random.Random(seed).randint(10, 99))
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    return f"{PASSKEY_HEADER} {haystack(tokenizer_count, n_tokens, needle, depth, seed)}{PASSKEY_QUESTION}", key
+
+
+def run_passkey(llm, n_tokens: int, depths, samples: int, seed: int = 0) -> list[float]:
+    """Exact retrieval per depth over `samples` keys (greedy, one raw completion each) for an llmlab LLM."""
+    count = lambda text: len(llm.tokenizer.encode(text))  # noqa: E731
+    cells = [(d, *passkey_prompt(count, n_tokens, d, seed * 100_000 + 1000 * i + s))
+             for i, d in enumerate(depths) for s in range(samples)]
+    outputs = llm.generate([prompt for _, prompt, _ in cells], raw=True, max_new_tokens=2, temperature=0.0)
+    hits = [out.strip().startswith(key) for (_, _, key), out in zip(cells, outputs)]
+    return [sum(hits[i * samples:(i + 1) * samples]) / samples for i in range(len(depths))]
+
+
 def _char_fuzzy(text: str, answer: str) -> float:
     """Best character-level similarity of `answer` to any equally long span of `text`."""
     import difflib
@@ -116,4 +143,4 @@ def format_niah(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["run_niah", "haystack", "make_needle", "format_niah", "fuzzy_contains"]
+__all__ = ["run_niah", "haystack", "make_needle", "format_niah", "fuzzy_contains", "passkey_prompt", "run_passkey"]

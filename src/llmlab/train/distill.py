@@ -251,3 +251,48 @@ def draft_acceptance(teacher, tokenizer, student, prompts: list[list[int]], max_
         decoder.generate(prompt, SamplingParams(temperature=0, max_new_tokens=max_new_tokens))
     return {"acceptance_rate": decoder.stats.acceptance_rate, "tokens_per_step": decoder.stats.tokens_per_step,
             "drafted": decoder.stats.drafted}
+
+
+# ---- a draft that knows only the frequent tokens -----------------------------------------------------------------
+
+
+def frequent_tokens(examples: list[tuple[list[int], list[bool]]], n: int, always: list[int] = ()) -> list[int]:
+    """The n most frequent token ids of the examples (`always` first, e.g. the end-of-turn token), most frequent
+    first: the vocabulary of a draft whose output head costs n / V of the full one's."""
+    counts: dict[int, int] = {}
+    for ids, _ in examples:
+        for token in ids:
+            counts[token] = counts.get(token, 0) + 1
+    picked = [t for t in dict.fromkeys(always) if t is not None]
+    picked += [t for t in sorted(counts, key=lambda t: (-counts[t], t)) if t not in set(picked)]
+    return picked[:n]
+
+
+def shrink_vocab(model: Transformer, token_ids: list[int]) -> Transformer:
+    """A copy of the model that knows only token_ids (its rows 0..n-1, in that order) and one more row for every other
+    token (input: the mean of their embeddings; output: never drafted): its logits are the full model's at those
+    ids, so as a greedy draft it proposes what the full one would whenever that is one of them (llmlab.engine.draft
+    reads the list from DRAFT_VOCAB). The output head, 8 bits x V x dim per token, is most of a small draft's step."""
+    import dataclasses
+    ids = torch.tensor(token_ids, dtype=torch.long)
+    others = torch.ones(model.config.vocab_size, dtype=torch.bool)
+    others[ids] = False
+    small = Transformer(dataclasses.replace(model.config, vocab_size=len(token_ids) + 1))
+    state = {k: v for k, v in model.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
+    embed = model.model.embed_tokens.weight.detach().float()
+    state["model.embed_tokens.weight"] = torch.cat([embed[ids], embed[others].mean(0, keepdim=True)])
+    if not model.config.tie_embeddings:
+        head = model.lm_head.weight.detach().float()
+        state["lm_head.weight"] = torch.cat([head[ids], torch.zeros_like(head[:1])])
+    small.load_state_dict(state, strict=False)  # (buffers such as RoPE tables are the new model's own)
+    return small
+
+
+def save_draft(model: Transformer, token_ids: list[int], path: str | Path, tokenizer) -> Path:
+    """shrink_vocab(model, token_ids) as a checkpoint for --speculate draft:PATH (HF layout plus DRAFT_VOCAB; its
+    config.json's vocab_size is the draft's own, so it is a draft, not a model to chat with)."""
+    from llmlab.checkpoint.hf import save_hf_dir
+    from llmlab.engine.draft import DRAFT_VOCAB
+    path = save_hf_dir(shrink_vocab(model, token_ids), path, dtype="float32", tokenizer=tokenizer)
+    atomic_write_text(path / DRAFT_VOCAB, json.dumps({"token_ids": [int(t) for t in token_ids]}))
+    return path

@@ -102,7 +102,7 @@ def load_library():
         lib.llmlab_step.restype = None
         lib.llmlab_step.argtypes = [ctypes.POINTER(ModelDesc), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                     ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
         lib.llmlab_qmatmul.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         lib.llmlab_qmatmul_step.argtypes = lib.llmlab_qmatmul.argtypes
         lib.llmlab_dequantize.argtypes = [ctypes.POINTER(QMat), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
@@ -309,11 +309,13 @@ class NativeDecoder:
             self.keep.append(embed.packed)
 
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache,
-                 cache_rows: torch.Tensor | None = None, logit_rows: int | None = None) -> torch.Tensor:
+                 cache_rows: torch.Tensor | None = None, logit_rows: int | None = None,
+                 fp32: bool = False) -> torch.Tensor:
         """Logits (B, V) after each row's token. Row b uses cache row cache_rows[b] (default: row b); rows of one
         sequence at consecutive positions in the same cache row attend causally, so a speculative verify of
         k + 1 tokens is one call: cache_rows = zeros(k + 1), input_pos = pos, pos + 1, ...
-        logit_rows: only the last logit_rows rows' logits are computed and returned (a prompt's chunk needs one)."""
+        logit_rows: only the last logit_rows rows' logits are computed and returned (a prompt's chunk needs one).
+        fp32: fp32 activations even where the int8 kernels are on (prefill)."""
         tokens = tokens.reshape(-1).to(torch.long).contiguous()
         pos = input_pos.reshape(-1).to(torch.long).contiguous()
         B = tokens.shape[0]
@@ -344,22 +346,23 @@ class NativeDecoder:
         self.lib.omp_set_num_threads(threads())
         self.lib.llmlab_step(ctypes.byref(self.desc), tokens.data_ptr(), pos.data_ptr(),
                              None if cache_rows is None else cache_rows.data_ptr(), B, k_ptrs, v_ptrs,
-                             k_strides, v_strides, logits.data_ptr(), logit_rows)
+                             k_strides, v_strides, logits.data_ptr(), logit_rows, int(fp32))
         return logits
 
     def prefill(self, ids: list[int], start: int, cache, row: int = 0) -> torch.Tensor:
         """Feed a prompt's tokens at positions start, start + 1, ... into cache row `row` (which holds the tokens
         before start), PREFILL_ROWS rows per native call; return the logits after the last one (1, V).
 
-        Each row computes exactly what a decode step of that token alone computes (the kernels and the attention
-        never depend on the batch), so a prompt prefilled whole, in parts (a cached prefix) or token by token gives
-        the same logits."""
+        Activations stay fp32 (the int8 kernels are for decode steps: the prompt's last logits choose the first
+        token, and int8 rounding there changed SmolLM2's answers). No kernel depends on the batch, so a prompt
+        prefilled whole or in parts (a cached prefix) gives the same logits bit for bit, and with the int8 kernels
+        off (LLMLAB_NATIVE_INT8=0) so does decoding it token by token."""
         if not ids:
             raise LLMLabError("nothing to prefill")
         for s in range(0, len(ids), PREFILL_ROWS):
             part = ids[s:s + PREFILL_ROWS]
             logits = self(torch.tensor(part), torch.arange(start + s, start + s + len(part)), cache,
-                          torch.full((len(part),), row), logit_rows=1)
+                          torch.full((len(part),), row), logit_rows=1, fp32=True)
         return logits
 
 

@@ -280,13 +280,12 @@ void tile_int8(const QMat& W, int64_t t, const QuantX& X, int64_t r0, float* y, 
 }
 #endif
 
-constexpr int64_t ROW_BLOCK = 8;  // rows of x per pass over a tile (its weights stay in L1 between passes)
-
-// One tile for B rows of x, in blocks of up to ROW_BLOCK rows.
+// One tile for B rows of x, in blocks of up to `block` rows (its weights stay in L1 between passes): 8 for the int8
+// kernel, 4 for the fp32 one (whose four chains per row would not fit the 32 vector registers for 8 rows).
 template <typename F>
-void row_blocks(int64_t B, F&& kernel) {
-  for (int64_t b = 0; b < B; b += ROW_BLOCK) {
-    switch (std::min(ROW_BLOCK, B - b)) {
+void row_blocks(int64_t B, int64_t block, F&& kernel) {
+  for (int64_t b = 0; b < B; b += block) {
+    switch (std::min(block, B - b)) {
       case 1: kernel(b, std::integral_constant<int, 1>()); break;
       case 2: kernel(b, std::integral_constant<int, 2>()); break;
       case 3: kernel(b, std::integral_constant<int, 3>()); break;
@@ -330,7 +329,7 @@ void matmul_many(std::initializer_list<Job> job_list, const float* x, int64_t ld
     const QMat& W = *jobs[j].W;
     const int64_t t = task - first[j], ldy = jobs[j].ldy;
     float* y = jobs[j].y;
-    row_blocks(B, [&](int64_t b, auto nb) {
+    row_blocks(B, int8 ? 8 : 4, [&](int64_t b, auto nb) {
       constexpr int NB = decltype(nb)::value;
 #if defined(LLMLAB_VNNI)
       if (int8) {
@@ -622,13 +621,15 @@ void llmlab_embed(const QMat* W, const int64_t* tokens, int64_t n, float* out) {
 // One decode step: tokens (B,) at positions pos (B,); k_cache/v_cache: per layer a pointer to the fp32 cache
 // (batch, kv_heads, slots, head_dim) with element strides ks/vs (batch, head, slot; head_dim is contiguous).
 // Writes each row's key and value at its position, and the next-token logits of the last logit_rows rows
-// (logit_rows, vocab): all B for decoding and verifying, 1 for a chunk of a prompt.
+// (logit_rows, vocab): all B for decoding and verifying, 1 for a chunk of a prompt. fp32 = 1 keeps the activations
+// in fp32 even where int8 ones are on: a prompt's prefill, whose last logits choose the first token (in int8, SmolLM2
+// answered "What is the capital of France?" with "L'Étoile" instead of "Paris").
 // Row b uses cache row cache_row[b] (null: row b). Every row's key and value are written before any row attends,
 // so k + 1 rows of ONE sequence at positions p..p+k sharing a cache row are a causal forward of k + 1 tokens
 // (a speculative verify in one call).
 void llmlab_step(const ModelDesc* Mp, const int64_t* tokens, const int64_t* pos, const int64_t* cache_row, int64_t B,
                  float* const* k_cache, float* const* v_cache, const int64_t* ks, const int64_t* vs, float* logits,
-                 int64_t logit_rows) {
+                 int64_t logit_rows, int fp32) {
   const ModelDesc& M = *Mp;
   const int64_t dim = M.dim, hd = M.head_dim, half = hd / 2, hidden = M.hidden;
   const int64_t qd = M.n_heads * hd, kvd = M.n_kv_heads * hd;
@@ -644,7 +645,7 @@ void llmlab_step(const ModelDesc* Mp, const int64_t* tokens, const int64_t* pos,
 
   for (int64_t l = 0; l < M.n_layers; ++l) {
     for (int64_t b = 0; b < B; ++b) rmsnorm(&x[b * dim], M.norm_in[l], &h[b * dim], dim, M.eps);
-    matmul_many({{&M.wq[l], q.data(), qd}, {&M.wk[l], k.data(), kvd}, {&M.wv[l], v.data(), kvd}}, h.data(), dim, B);
+    matmul_many({{&M.wq[l], q.data(), qd}, {&M.wk[l], k.data(), kvd}, {&M.wv[l], v.data(), kvd}}, h.data(), dim, B, !fp32);
     float* K = k_cache[l];
     float* V = v_cache[l];
     for (int64_t b = 0; b < B; ++b) {
@@ -657,17 +658,17 @@ void llmlab_step(const ModelDesc* Mp, const int64_t* tokens, const int64_t* pos,
       }
     }
     attend(M, q.data(), K, V, ks, vs, pos, cache_row, B, att.data());
-    matmul_many({{&M.wo[l], tmp.data(), dim}}, att.data(), qd, B);
+    matmul_many({{&M.wo[l], tmp.data(), dim}}, att.data(), qd, B, !fp32);
     for (int64_t i = 0; i < B * dim; ++i) x[i] += tmp[i];
     for (int64_t b = 0; b < B; ++b) rmsnorm(&x[b * dim], M.norm_post[l], &h[b * dim], dim, M.eps);
-    matmul_many({{&M.wgate[l], gate.data(), hidden}, {&M.wup[l], up.data(), hidden}}, h.data(), dim, B);
+    matmul_many({{&M.wgate[l], gate.data(), hidden}, {&M.wup[l], up.data(), hidden}}, h.data(), dim, B, !fp32);
     silu_mul(gate.data(), up.data(), B * hidden);
-    matmul_many({{&M.wdown[l], tmp.data(), dim}}, gate.data(), hidden, B);
+    matmul_many({{&M.wdown[l], tmp.data(), dim}}, gate.data(), hidden, B, !fp32);
     for (int64_t i = 0; i < B * dim; ++i) x[i] += tmp[i];
   }
   const int64_t skip = B - logit_rows;  // rows whose logits nobody needs (a prefill chunk's all but last)
   for (int64_t b = skip; b < B; ++b) rmsnorm(&x[b * dim], M.norm_final, &h[b * dim], dim, M.eps);
-  matmul_many({{M.head, logits, M.vocab}}, h.data() + skip * dim, dim, logit_rows);
+  matmul_many({{M.head, logits, M.vocab}}, h.data() + skip * dim, dim, logit_rows, !fp32);
 }
 
 }  // extern "C"
