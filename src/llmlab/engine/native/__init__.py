@@ -10,6 +10,7 @@ build is logged once and `load_library()` returns None: callers keep the PyTorch
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import hashlib
 import os
@@ -154,7 +155,7 @@ def simd() -> str:
 TILE = 16  # output rows per tile of the kernel's layout (decode.cpp)
 
 
-def to_tiles(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int):
+def to_tiles(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
     """GGUF's row order (pack_groups' q (out, bytes), d, m (out, groups)) -> decode.cpp's tiles of 16 rows, the last
     padded with zero rows: per tile and group, steps of 16 lanes x 4 bytes (lane = row), then 16 d and 16 m."""
     out, groups = d.shape
@@ -183,7 +184,7 @@ class Packed:
     def __init__(self, q, d, m, bias, bits: int):
         # fp16 scales: what GGUF stores (so exact for its Q4_1/Q8_0 tensors), a fifth less to read than fp32
         self.out_features, self.in_features, self.bits = d.shape[0], d.shape[1] * 32, bits
-        self.q, self.d, self.m = to_tiles(q.contiguous(), d.half(), m.half(), bits)
+        self.q, self.d, self.m = to_tiles(q.contiguous(), d.half(), m.half())
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self._point()
 
@@ -198,17 +199,15 @@ class Packed:
 
     def with_bias(self, bias) -> "Packed":
         """The same weights (shared, not copied) with a bias."""
-        other = self.__deepcopy__(None, share=True)
+        other = copy.copy(self)
         other.bias = None if bias is None else bias.detach().float().contiguous()
         other._point()
         return other
 
-    def __deepcopy__(self, memo, share: bool = False):  # the QMat holds raw pointers: point a copy at copied tensors
-        other = object.__new__(Packed)
-        other.__dict__.update(self.__dict__)
-        if not share:
-            other.q, other.d, other.m = self.q.clone(), self.d.clone(), self.m.clone()
-            other.bias = None if self.bias is None else self.bias.clone()
+    def __deepcopy__(self, memo):  # the QMat holds raw pointers: point a copy at copied tensors
+        other = copy.copy(self)
+        other.q, other.d, other.m = self.q.clone(), self.d.clone(), self.m.clone()
+        other.bias = None if self.bias is None else self.bias.clone()
         other._point()
         return other
 

@@ -6,15 +6,16 @@
 //
 // At batch 1 on a 135M model, a PyTorch step spends most of its time between kernels (30 layers of small
 // GEMVs, Python, dispatch); here the whole step is C++, and each projection is one parallel pass over its
-// weights that dequantizes a group of 32 once and multiplies it into every row of the batch. Where the CPU has
-// AVX512-VNNI, the rows are rounded to int8 per group instead and meet the weights in integer dot products (as
+// weights, tiles of 16 output rows (see "the tiled weight layout") that each serve every row of the batch. Where the
+// CPU has AVX512-VNNI, decode rows are rounded to int8 per group and meet the weights in integer dot products (as
 // llama.cpp's Q8 x Q4 kernels do): at batch 1 the step is bound by streaming the weights, and these keep up with it.
+// Many rows of one sequence in one call are a prompt's chunk (prefill, fp32 activations) or a speculative verify.
 // Attention reads the fp32 cache in blocks of 16 positions (one shuffle tree for their 16 scores, a vector exp),
 // split into parts of 64 positions that the threads share and whose softmaxes are combined after.
 //
 // Weights: w[o, i] = d[o, g] * q[o, i] + m[o, g] for the group g = i / 32 (GGUF's Q4_1 form, fp16 d and m).
 // 4 bits: two per byte, byte j of a group holding q[j] (low nibble) and q[j + 16] (high nibble), as in GGUF;
-// 8 bits: one byte per weight. The KV cache is the engine's own (llmlab.model.transformer.KVCache): per layer a
+// 8 bits: one byte per weight; both laid out in tiles of 16 rows. The KV cache is the engine's own (llmlab.model.transformer.KVCache): per layer a
 // (batch, kv_heads, slots, head_dim) fp32 tensor, possibly a view (the batcher's), so its strides are given.
 #include <omp.h>
 

@@ -55,12 +55,13 @@ def build_packed_model(cfg: ModelConfig, dense: dict[str, torch.Tensor], packed:
     return model.eval()
 
 
-def gguf_packed(tensor, bits_if_converted: int) -> tuple[Packed, bool]:
-    """(packed tensor, exact?) for one GGUF weight: Q4_0/Q4_1/Q8_0 blocks split as they are, others re-packed."""
+def gguf_groups(tensor, bits_if_converted: int) -> tuple[tuple, int, bool]:
+    """((q, d, m) in GGUF's row order, bits, exact?) for one GGUF weight: Q4_0/Q4_1/Q8_0 blocks split as they are,
+    others re-packed."""
     kind = tensor.tensor_type.name
     out_features, in_features = (int(n) for n in reversed(tensor.shape))
     if kind not in EXACT_TYPES:
-        return Packed(*pack_groups(dequantize(tensor), bits_if_converted), None, bits_if_converted), False
+        return pack_groups(dequantize(tensor), bits_if_converted), bits_if_converted, False
     groups = in_features // 32
     block = torch.from_numpy(np.asarray(tensor.data, dtype=np.uint8)).reshape(out_features, groups, -1)
     d = block[..., 0:2].contiguous().view(torch.float16).reshape(out_features, groups)
@@ -71,8 +72,7 @@ def gguf_packed(tensor, bits_if_converted: int) -> tuple[Packed, bool]:
         m, q = -8 * d, block[..., 2:]
     else:  # Q8_0: signed bytes s, stored as s + 128, which is the byte with its top bit flipped (no int16 copies)
         m, q = -128 * d, block[..., 2:] ^ 128
-    q = q.reshape(out_features, -1).contiguous()
-    return Packed(q, d, m, None, EXACT_TYPES[kind]), True
+    return (q.reshape(out_features, -1).contiguous(), d, m), EXACT_TYPES[kind], True
 
 
 def load_gguf_packed(path: str | Path):
@@ -98,13 +98,13 @@ def load_gguf_packed(path: str | Path):
             dense[name] = w
             continue
         # projections keep 4 bits where converted from another 4-bit type, the head 8 (4 change predictions)
-        p, was_exact = gguf_packed(tensor, 8 if is_head or not tensor.tensor_type.name.startswith(("Q4", "IQ4"))
-                                   else 4)
+        groups, bits, was_exact = gguf_groups(tensor, 8 if is_head or not tensor.tensor_type.name.startswith(
+            ("Q4", "IQ4")) else 4)
         exact &= was_exact
         if key.startswith(("blk.{}.attn_q.", "blk.{}.attn_k.")):
             heads = cfg.n_heads if ".attn_q." in key else cfg.n_kv_heads
-            p = Packed(*(unpermute_rope(t, heads) for t in p.canonical()), None, p.bits)
-        packed["lm_head" if is_head else name.removesuffix(".weight")] = p
+            groups = [unpermute_rope(t, heads) for t in groups]
+        packed["lm_head" if is_head else name.removesuffix(".weight")] = Packed(*groups, None, bits)
     for name in [k for k in dense if k.endswith("_proj.bias")]:
         owner = packed[name.removesuffix(".bias")]
         packed[name.removesuffix(".bias")] = owner.with_bias(dense.pop(name))
