@@ -106,6 +106,7 @@ def load_library():
                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
         lib.llmlab_qmatmul.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         lib.llmlab_qmatmul_step.argtypes = lib.llmlab_qmatmul.argtypes
+        lib.llmlab_qmatmul_prompt.argtypes = lib.llmlab_qmatmul.argtypes
         lib.llmlab_dequantize.argtypes = [ctypes.POINTER(QMat), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
         lib.llmlab_embed.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         lib.omp_set_num_threads.argtypes = [ctypes.c_int]
@@ -149,7 +150,8 @@ def simd() -> str:
         return "none"
     if lib.llmlab_simd() != 512:
         return "scalar"
-    return "avx512-vnni, int8 activations" if lib.llmlab_int8(-1) else "avx512"  # int8: decode.cpp, $LLMLAB_NATIVE_INT8
+    kinds = ["avx512"] + (["int8 decode"] if lib.llmlab_int8(-1) else []) + (["bf16 prompts"] if lib.llmlab_bf16(-1) else [])
+    return ", ".join(kinds)  # int8 / bf16 activations: decode.cpp, $LLMLAB_NATIVE_INT8 / $LLMLAB_NATIVE_BF16
 
 
 TILE = 16  # output rows per tile of the kernel's layout (decode.cpp)
@@ -309,12 +311,13 @@ class NativeDecoder:
 
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache,
                  cache_rows: torch.Tensor | None = None, logit_rows: int | None = None,
-                 fp32: bool = False) -> torch.Tensor:
+                 prompt: bool = False) -> torch.Tensor:
         """Logits (B, V) after each row's token. Row b uses cache row cache_rows[b] (default: row b); rows of one
         sequence at consecutive positions in the same cache row attend causally, so a speculative verify of
         k + 1 tokens is one call: cache_rows = zeros(k + 1), input_pos = pos, pos + 1, ...
         logit_rows: only the last logit_rows rows' logits are computed and returned (a prompt's chunk needs one).
-        fp32: fp32 activations even where the int8 kernels are on (prefill)."""
+        prompt: the rows are a prompt's chunk: bf16 activations where the CPU has AVX512-BF16, else fp32, never the
+        decode steps' int8 ones (see prefill)."""
         tokens = tokens.reshape(-1).to(torch.long).contiguous()
         pos = input_pos.reshape(-1).to(torch.long).contiguous()
         B = tokens.shape[0]
@@ -345,23 +348,24 @@ class NativeDecoder:
         self.lib.omp_set_num_threads(threads())
         self.lib.llmlab_step(ctypes.byref(self.desc), tokens.data_ptr(), pos.data_ptr(),
                              None if cache_rows is None else cache_rows.data_ptr(), B, k_ptrs, v_ptrs,
-                             k_strides, v_strides, logits.data_ptr(), logit_rows, int(fp32))
+                             k_strides, v_strides, logits.data_ptr(), logit_rows, int(prompt))
         return logits
 
     def prefill(self, ids: list[int], start: int, cache, row: int = 0) -> torch.Tensor:
         """Feed a prompt's tokens at positions start, start + 1, ... into cache row `row` (which holds the tokens
         before start), PREFILL_ROWS rows per native call; return the logits after the last one (1, V).
 
-        Activations stay fp32 (the int8 kernels are for decode steps: the prompt's last logits choose the first
-        token, and int8 rounding there changed SmolLM2's answers). No kernel depends on the batch, so a prompt
-        prefilled whole or in parts (a cached prefix) gives the same logits bit for bit, and with the int8 kernels
-        off (LLMLAB_NATIVE_INT8=0) so does decoding it token by token."""
+        Activations are bf16 where the CPU has AVX512-BF16, else fp32, never int8 (the int8 kernels are for decode
+        steps: the prompt's last logits choose the first token, and int8 rounding there changed SmolLM2's answers).
+        No kernel depends on the batch, so a prompt prefilled whole or in parts (a cached prefix) gives the same
+        logits bit for bit, and with both off (LLMLAB_NATIVE_INT8=0 LLMLAB_NATIVE_BF16=0) so does decoding it token
+        by token."""
         if not ids:
             raise LLMLabError("nothing to prefill")
         for s in range(0, len(ids), PREFILL_ROWS):
             part = ids[s:s + PREFILL_ROWS]
             logits = self(torch.tensor(part), torch.arange(start + s, start + s + len(part)), cache,
-                          torch.full((len(part),), row), logit_rows=1, fp32=True)
+                          torch.full((len(part),), row), logit_rows=1, prompt=True)
         return logits
 
 

@@ -281,6 +281,102 @@ void tile_int8(const QMat& W, int64_t t, const QuantX& X, int64_t r0, float* y, 
 }
 #endif
 
+// ---- bf16 activations x 4-bit weights (AVX512-BF16): a prompt's chunks -------------------------------------
+//
+// A prompt's chunk is up to 64 rows against each weight, so the fp32 kernel's cost is its FMAs and the weights'
+// unpacking, which it repeats for every block of 4 rows. Here each row of x is rounded once to bf16 (8 significant
+// bits, relative to each value: int8 rounding is relative to its group's largest and changed SmolLM2's answers),
+// a tile's 4-bit weights are unpacked once per call into bf16 pairs, and _mm512_dpbf16_ps does 32 multiply-adds
+// per instruction, twice fp32's. The q values are exact in bf16 as 128 + q (the bits 0x4300 | q, one OR with no
+// conversion), so per group sum_i (128 + q_i) xb_i = dot' and sum_i (d q_i + m) xb_i = d dot' + (m - 128 d) (sum
+// of xb): the weights stay exact and x's rounding is the only approximation, as with int8. 8-bit weights (a Q8_0
+// file, the output head) keep the fp32 kernel. llmlab_bf16(0) switches back to fp32 prompts.
+#if defined(LLMLAB_AVX512) && defined(__AVX512BF16__)
+#define LLMLAB_BF16 1
+// $LLMLAB_NATIVE_BF16=0 starts with fp32 prompts (e.g. to compare both paths); llmlab_bf16() switches later
+int bf16_activations = [] {
+  const char* v = std::getenv("LLMLAB_NATIVE_BF16");
+  return v && v[0] == '0' ? 0 : 1;
+}();
+
+struct Bf16X {
+  int64_t groups = 0;
+  std::vector<uint32_t> pairs;  // (B, in / 2): x rounded to bf16, inputs 2p and 2p + 1 in word p
+  std::vector<float> sum;       // (B, groups): the group sums of the rounded x
+};
+
+void round_rows_bf16(const float* x, int64_t ldx, int64_t B, int64_t in, Bf16X& X) {
+  X.groups = in / GROUP;
+  X.pairs.resize(B * in / 2);
+  X.sum.resize(B * X.groups);
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t g = 0; g < X.groups; ++g) {
+      const float* xg = x + r * ldx + g * GROUP;
+      const __m512i b = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(xg + 16), _mm512_loadu_ps(xg));  // in order
+      _mm512_storeu_si512(X.pairs.data() + (r * in + g * GROUP) / 2, b);
+      const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(b, 16));  // the even inputs, back in fp32
+      const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32(int(0xFFFF0000u))));  // odd
+      X.sum[r * X.groups + g] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+    }
+}
+
+// A 4-bit tile unpacked into out (in / 2 vectors of 64 bytes): vector p of group g holds in lane l the bf16 pair
+// (128 + q[2p], 128 + q[2p + 1]) of row l. Step i's lane holds bytes 4i..4i+3 of the row's group, i.e. inputs
+// 4i..4i+3 (low nibbles: pairs 2i, 2i + 1) and 16 + 4i.. (high nibbles: pairs 8 + 2i, 9 + 2i); a byte shuffle puts
+// bytes (0, 1) or (2, 3) of each lane into its two 16-bit halves, a shift picks the high nibbles, one ternary-logic
+// op masks the nibble and sets the bits of 128.
+void unpack_tile_bf16(const QMat& W, int64_t t, uint32_t* out) {
+  const int64_t groups = W.in / GROUP;
+  const uint8_t* q = W.q + t * groups * 4 * 64;
+  const __m512i nibble = _mm512_set1_epi32(0x000F000F), bits128 = _mm512_set1_epi32(0x43004300);
+  // shuffle controls per 128-bit lane: 32-bit lane k takes bytes 4k + (0, 1) or 4k + (2, 3) into its halves
+  __m512i pick01, pick23;
+  {
+    alignas(64) uint8_t c01[64], c23[64];
+    for (int i = 0; i < 64; ++i) {
+      const int k = (i % 16) / 4, at = i % 4;
+      c01[i] = at % 2 ? 0x80 : uint8_t(4 * k + at / 2);
+      c23[i] = at % 2 ? 0x80 : uint8_t(4 * k + 2 + at / 2);
+    }
+    pick01 = _mm512_loadu_si512(c01), pick23 = _mm512_loadu_si512(c23);
+  }
+  for (int64_t g = 0; g < groups; ++g)
+    for (int i = 0; i < 4; ++i) {
+      const __m512i v = _mm512_loadu_si512(q + (g * 4 + i) * 64);
+      const __m512i a = _mm512_shuffle_epi8(v, pick01), b = _mm512_shuffle_epi8(v, pick23);
+      uint32_t* o = out + g * 16 * 16;  // 16 vectors of 16 lanes per group
+      _mm512_storeu_si512(o + 16 * (2 * i), _mm512_ternarylogic_epi32(a, nibble, bits128, 0xEA));  // (a & nibble) | bits128
+      _mm512_storeu_si512(o + 16 * (2 * i + 1), _mm512_ternarylogic_epi32(b, nibble, bits128, 0xEA));
+      _mm512_storeu_si512(o + 16 * (8 + 2 * i), _mm512_ternarylogic_epi32(_mm512_srli_epi16(a, 4), nibble, bits128, 0xEA));
+      _mm512_storeu_si512(o + 16 * (9 + 2 * i), _mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 4), nibble, bits128, 0xEA));
+    }
+}
+
+template <int NB>
+void tile_bf16(const QMat& W, int64_t t, const uint32_t* wt, const Bf16X& X, int64_t r0, float* y, int64_t ldy) {
+  const int64_t groups = X.groups, half = groups * GROUP / 2;
+  const uint16_t* d = W.d + t * groups * TILE;
+  const uint16_t* m = W.m + t * groups * TILE;
+  __m512 acc[NB];
+  for (int r = 0; r < NB; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 dot[NB];
+    for (int r = 0; r < NB; ++r) dot[r] = _mm512_setzero_ps();
+    for (int p = 0; p < 16; ++p) {
+      const __m512bh w = (__m512bh)_mm512_loadu_si512(wt + (g * 16 + p) * 16);
+      for (int r = 0; r < NB; ++r)
+        dot[r] = _mm512_dpbf16_ps(dot[r], w, (__m512bh)_mm512_set1_epi32(int(X.pairs[(r0 + r) * half + g * 16 + p])));
+    }
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + g * TILE)));
+    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + g * TILE)));
+    const __m512 m128 = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), dv, mv);  // m - 128 d
+    for (int r = 0; r < NB; ++r)
+      acc[r] = _mm512_fmadd_ps(m128, _mm512_set1_ps(X.sum[(r0 + r) * groups + g]), _mm512_fmadd_ps(dot[r], dv, acc[r]));
+  }
+  for (int r = 0; r < NB; ++r) store_tile(W, t, acc[r], y + r * ldy);
+}
+#endif
+
 // One tile for B rows of x, in blocks of up to `block` rows (its weights stay in L1 between passes): 8 for the int8
 // kernel, 4 for the fp32 one (whose four chains per row would not fit the 32 vector registers for 8 rows).
 template <typename F>
@@ -305,18 +401,28 @@ struct Job {
   int64_t ldy;
 };
 
+// What a matmul rounds x to: a decode step's rows go to int8 (where llmlab_int8 is on), a prompt's chunk to bf16 (where
+// llmlab_bf16 is on; 4-bit weights), fp32 otherwise. The choice never depends on the number of rows.
+enum class Acts { step, prompt, fp32 };
+
 // Several projections of the same input x (B, ldx) in one parallel pass over all their tiles.
-void matmul_many(std::initializer_list<Job> job_list, const float* x, int64_t ldx, int64_t B, bool allow_int8 = true) {
+void matmul_many(std::initializer_list<Job> job_list, const float* x, int64_t ldx, int64_t B, Acts acts) {
   const std::vector<Job> jobs(job_list);
   const int64_t in = jobs[0].W->in, groups = in / GROUP;
-  bool int8 = false;
+  bool int8 = false, bf16 = false, fp32 = false;  // which roundings of x the jobs need
 #if defined(LLMLAB_VNNI)
-  int8 = int8_activations && allow_int8;
+  int8 = int8_activations && acts == Acts::step;
   QuantX xq;
   if (int8) quantize_rows(x, ldx, B, in, xq);
 #endif
-  std::vector<float> xs(int8 ? 0 : B * groups);  // group sums of each row of x, for the fp32 kernels' m terms
-  for (int64_t r = 0; r < (int8 ? 0 : B); ++r)
+#if defined(LLMLAB_BF16)
+  Bf16X xb;
+  for (const Job& j : jobs) bf16 |= bf16_activations && acts == Acts::prompt && j.W->bits == 4;
+  if (bf16) round_rows_bf16(x, ldx, B, in, xb);
+#endif
+  for (const Job& j : jobs) fp32 |= !int8 && !(bf16 && j.W->bits == 4);
+  std::vector<float> xs(fp32 ? B * groups : 0);  // group sums of each row of x, for the fp32 kernels' m terms
+  for (int64_t r = 0; r < (fp32 ? B : 0); ++r)
     for (int64_t g = 0; g < groups; ++g) {
       float sum = 0.f;
       for (int64_t j = 0; j < GROUP; ++j) sum += x[r * ldx + g * GROUP + j];
@@ -330,6 +436,15 @@ void matmul_many(std::initializer_list<Job> job_list, const float* x, int64_t ld
     const QMat& W = *jobs[j].W;
     const int64_t t = task - first[j], ldy = jobs[j].ldy;
     float* y = jobs[j].y;
+#if defined(LLMLAB_BF16)
+    if (bf16 && W.bits == 4) {
+      thread_local std::vector<uint32_t> unpacked;  // the tile's weights as bf16 pairs, read once per block of rows
+      unpacked.resize(in / 2 * TILE);
+      unpack_tile_bf16(W, t, unpacked.data());
+      row_blocks(B, 8, [&](int64_t b, auto nb) { tile_bf16<decltype(nb)::value>(W, t, unpacked.data(), xb, b, y + b * ldy, ldy); });
+      continue;
+    }
+#endif
     row_blocks(B, int8 ? 8 : 4, [&](int64_t b, auto nb) {
       constexpr int NB = decltype(nb)::value;
 #if defined(LLMLAB_VNNI)
@@ -598,15 +713,28 @@ int llmlab_int8(int on) {
 #endif
 }
 
+// Whether a prompt's chunks take bf16 activations (AVX512-BF16 builds): on = 1 / off = 0 / -1 leaves it; returns it.
+int llmlab_bf16(int on) {
+#if defined(LLMLAB_BF16)
+  if (on >= 0) bf16_activations = on;
+  return bf16_activations;
+#else
+  return 0 * on;
+#endif
+}
+
 // y (N, out) = x (N, in) @ W.T (+ bias): the same kernel, for one projection outside the whole step.
 // Always with fp32 activations: these are PyTorch's forwards (prefill, scoring), where more than a few rows take the
 // dequantized weight and PyTorch's matmul, so a prompt's logits must not depend on how many tokens one call holds.
 void llmlab_qmatmul(const QMat* W, const float* x, int64_t N, float* y) {
-  matmul_many({{W, y, W->out}}, x, W->in, N, false);
+  matmul_many({{W, y, W->out}}, x, W->in, N, Acts::fp32);
 }
 
 // The same with the decode step's activations (int8 where llmlab_int8 says so): to test its kernels on one matrix.
-void llmlab_qmatmul_step(const QMat* W, const float* x, int64_t N, float* y) { matmul_many({{W, y, W->out}}, x, W->in, N); }
+void llmlab_qmatmul_step(const QMat* W, const float* x, int64_t N, float* y) { matmul_many({{W, y, W->out}}, x, W->in, N, Acts::step); }
+
+// The same with a prompt's activations (bf16 where llmlab_bf16 says so): to test its kernel on one matrix.
+void llmlab_qmatmul_prompt(const QMat* W, const float* x, int64_t N, float* y) { matmul_many({{W, y, W->out}}, x, W->in, N, Acts::prompt); }
 
 // The dense fp32 rows [o0, o1) of the weight (o1 - o0, in).
 void llmlab_dequantize(const QMat* W, int64_t o0, int64_t o1, float* out) {
@@ -622,16 +750,17 @@ void llmlab_embed(const QMat* W, const int64_t* tokens, int64_t n, float* out) {
 // One decode step: tokens (B,) at positions pos (B,); k_cache/v_cache: per layer a pointer to the fp32 cache
 // (batch, kv_heads, slots, head_dim) with element strides ks/vs (batch, head, slot; head_dim is contiguous).
 // Writes each row's key and value at its position, and the next-token logits of the last logit_rows rows
-// (logit_rows, vocab): all B for decoding and verifying, 1 for a chunk of a prompt. fp32 = 1 keeps the activations
-// in fp32 even where int8 ones are on: a prompt's prefill, whose last logits choose the first token (in int8, SmolLM2
-// answered "What is the capital of France?" with "L'Étoile" instead of "Paris").
+// (logit_rows, vocab): all B for decoding and verifying, 1 for a chunk of a prompt. prompt = 1 marks a prompt's chunk:
+// its activations are bf16 where llmlab_bf16 is on, else fp32, never int8: its last logits choose the first token
+// (in int8, SmolLM2 answered "What is the capital of France?" with "L'Étoile" instead of "Paris").
 // Row b uses cache row cache_row[b] (null: row b). Every row's key and value are written before any row attends,
 // so k + 1 rows of ONE sequence at positions p..p+k sharing a cache row are a causal forward of k + 1 tokens
 // (a speculative verify in one call).
 void llmlab_step(const ModelDesc* Mp, const int64_t* tokens, const int64_t* pos, const int64_t* cache_row, int64_t B,
                  float* const* k_cache, float* const* v_cache, const int64_t* ks, const int64_t* vs, float* logits,
-                 int64_t logit_rows, int fp32) {
+                 int64_t logit_rows, int prompt) {
   const ModelDesc& M = *Mp;
+  const Acts acts = prompt ? Acts::prompt : Acts::step;
   const int64_t dim = M.dim, hd = M.head_dim, half = hd / 2, hidden = M.hidden;
   const int64_t qd = M.n_heads * hd, kvd = M.n_kv_heads * hd;
   std::vector<float> x(B * dim), h(B * dim), q(B * qd), k(B * kvd), v(B * kvd), att(B * qd), tmp(B * dim);
@@ -646,7 +775,7 @@ void llmlab_step(const ModelDesc* Mp, const int64_t* tokens, const int64_t* pos,
 
   for (int64_t l = 0; l < M.n_layers; ++l) {
     for (int64_t b = 0; b < B; ++b) rmsnorm(&x[b * dim], M.norm_in[l], &h[b * dim], dim, M.eps);
-    matmul_many({{&M.wq[l], q.data(), qd}, {&M.wk[l], k.data(), kvd}, {&M.wv[l], v.data(), kvd}}, h.data(), dim, B, !fp32);
+    matmul_many({{&M.wq[l], q.data(), qd}, {&M.wk[l], k.data(), kvd}, {&M.wv[l], v.data(), kvd}}, h.data(), dim, B, acts);
     float* K = k_cache[l];
     float* V = v_cache[l];
     for (int64_t b = 0; b < B; ++b) {
@@ -659,17 +788,17 @@ void llmlab_step(const ModelDesc* Mp, const int64_t* tokens, const int64_t* pos,
       }
     }
     attend(M, q.data(), K, V, ks, vs, pos, cache_row, B, att.data());
-    matmul_many({{&M.wo[l], tmp.data(), dim}}, att.data(), qd, B, !fp32);
+    matmul_many({{&M.wo[l], tmp.data(), dim}}, att.data(), qd, B, acts);
     for (int64_t i = 0; i < B * dim; ++i) x[i] += tmp[i];
     for (int64_t b = 0; b < B; ++b) rmsnorm(&x[b * dim], M.norm_post[l], &h[b * dim], dim, M.eps);
-    matmul_many({{&M.wgate[l], gate.data(), hidden}, {&M.wup[l], up.data(), hidden}}, h.data(), dim, B, !fp32);
+    matmul_many({{&M.wgate[l], gate.data(), hidden}, {&M.wup[l], up.data(), hidden}}, h.data(), dim, B, acts);
     silu_mul(gate.data(), up.data(), B * hidden);
-    matmul_many({{&M.wdown[l], tmp.data(), dim}}, gate.data(), hidden, B, !fp32);
+    matmul_many({{&M.wdown[l], tmp.data(), dim}}, gate.data(), hidden, B, acts);
     for (int64_t i = 0; i < B * dim; ++i) x[i] += tmp[i];
   }
   const int64_t skip = B - logit_rows;  // rows whose logits nobody needs (a prefill chunk's all but last)
   for (int64_t b = skip; b < B; ++b) rmsnorm(&x[b * dim], M.norm_final, &h[b * dim], dim, M.eps);
-  matmul_many({{M.head, logits, M.vocab}}, h.data() + skip * dim, dim, logit_rows, !fp32);
+  matmul_many({{M.head, logits, M.vocab}}, h.data() + skip * dim, dim, logit_rows, acts);
 }
 
 }  // extern "C"
