@@ -128,7 +128,10 @@ def threads() -> int:
     if fixed:
         return max(1, int(fixed))
     n = torch.get_num_threads()
-    return 1 if n > 1 and os.getloadavg()[0] > (os.cpu_count() or 1) + 1 else n
+    return 1 if n > 1 and os.getloadavg()[0] > CPUS + 1 else n
+
+
+CPUS = os.cpu_count() or 1  # (asking each step cost 70 us, 1% of a step)
 
 
 def release_thread_pool() -> None:
@@ -321,35 +324,45 @@ class NativeDecoder:
         tokens = tokens.reshape(-1).to(torch.long).contiguous()
         pos = input_pos.reshape(-1).to(torch.long).contiguous()
         B = tokens.shape[0]
-        k, v = cache.k, cache.v
-        first = k[0]
-        if first.dtype != torch.float32 or first.stride(3) != 1 or v[0].stride(3) != 1:
-            raise LLMLabError("the native decode step needs an fp32 KV cache with contiguous head dimensions")
+        first = cache.k[0]
         if pos.shape[0] != B:
             raise LLMLabError(f"got {B} tokens but {pos.shape[0]} positions")
         if cache_rows is not None:
             cache_rows = cache_rows.reshape(-1).to(torch.long).contiguous()
-            if cache_rows.shape[0] != B or int(cache_rows.min()) < 0 or int(cache_rows.max()) >= first.shape[0]:
+            if cache_rows.shape[0] != B or not 0 <= min(cache_rows.tolist()) <= max(cache_rows.tolist()) < first.shape[0]:
                 raise LLMLabError(f"cache_rows must give each of the {B} rows a cache row in [0, {first.shape[0]})")
         elif first.shape[0] < B:
             raise LLMLabError(f"{B} rows need a KV cache of at least {B} rows, it has {first.shape[0]}")
-        if int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab:
+        token_list, pos_list = tokens.tolist(), pos.tolist()  # (Python's min and max: a few rows, no tensor ops)
+        if not 0 <= min(token_list) <= max(token_list) < self.vocab:
             raise LLMLabError(f"token ids must be in [0, {self.vocab})")
-        if int(pos.min()) < 0 or int(pos.max()) >= first.shape[2]:
+        if not 0 <= min(pos_list) <= max(pos_list) < first.shape[2]:
             raise LLMLabError(f"positions must be in [0, {first.shape[2]}) (the KV cache's length)")
         logit_rows = B if logit_rows is None else logit_rows
         if not 1 <= logit_rows <= B:
             raise LLMLabError(f"logit_rows must be in [1, {B}], got {logit_rows}")
         logits = torch.empty(logit_rows, self.vocab)
-        k_ptrs = (ctypes.c_void_p * self.n_layers)(*[t.data_ptr() for t in k])
-        v_ptrs = (ctypes.c_void_p * self.n_layers)(*[t.data_ptr() for t in v])
-        k_strides = (ctypes.c_int64 * 3)(*first.stride()[:3])
-        v_strides = (ctypes.c_int64 * 3)(*v[0].stride()[:3])
+        k_ptrs, v_ptrs, k_strides, v_strides = self.cache_pointers(cache)
         self.lib.omp_set_num_threads(threads())
         self.lib.llmlab_step(ctypes.byref(self.desc), tokens.data_ptr(), pos.data_ptr(),
                              None if cache_rows is None else cache_rows.data_ptr(), B, k_ptrs, v_ptrs,
                              k_strides, v_strides, logits.data_ptr(), logit_rows, int(prompt))
         return logits
+
+    def cache_pointers(self, cache):
+        """The C call's per-layer cache pointers and strides, made once per cache and kept on it with the k and v
+        lists they were made from (a reorder makes new lists, and so new pointers)."""
+        known = getattr(cache, "native_pointers", None)
+        if known is not None and known[0] is cache.k and known[1] is cache.v:
+            return known[2]
+        k, v = cache.k, cache.v
+        if k[0].dtype != torch.float32 or any(t.stride(3) != 1 for t in k + v):
+            raise LLMLabError("the native decode step needs an fp32 KV cache with contiguous head dimensions")
+        made = ((ctypes.c_void_p * self.n_layers)(*[t.data_ptr() for t in k]),
+                (ctypes.c_void_p * self.n_layers)(*[t.data_ptr() for t in v]),
+                (ctypes.c_int64 * 3)(*k[0].stride()[:3]), (ctypes.c_int64 * 3)(*v[0].stride()[:3]))
+        cache.native_pointers = (k, v, made)
+        return made
 
     def prefill(self, ids: list[int], start: int, cache, row: int = 0) -> torch.Tensor:
         """Feed a prompt's tokens at positions start, start + 1, ... into cache row `row` (which holds the tokens
