@@ -318,7 +318,8 @@ class NativeDecoder:
         """Logits (B, V) after each row's token. Row b uses cache row cache_rows[b] (default: row b); rows of one
         sequence at consecutive positions in the same cache row attend causally, so a speculative verify of
         k + 1 tokens is one call: cache_rows = zeros(k + 1), input_pos = pos, pos + 1, ...
-        logit_rows: only the last logit_rows rows' logits are computed and returned (a prompt's chunk needs one).
+        logit_rows: only the last logit_rows rows' logits are computed and returned (a prompt's last chunk needs
+        one, its others none: (0, V))).
         prompt: the rows are a prompt's chunk: bf16 activations where the CPU has AVX512-BF16, else fp32, never the
         decode steps' int8 ones (see prefill)."""
         tokens = tokens.reshape(-1).to(torch.long).contiguous()
@@ -339,8 +340,8 @@ class NativeDecoder:
         if not 0 <= min(pos_list) <= max(pos_list) < first.shape[2]:
             raise LLMLabError(f"positions must be in [0, {first.shape[2]}) (the KV cache's length)")
         logit_rows = B if logit_rows is None else logit_rows
-        if not 1 <= logit_rows <= B:
-            raise LLMLabError(f"logit_rows must be in [1, {B}], got {logit_rows}")
+        if not 0 <= logit_rows <= B:
+            raise LLMLabError(f"logit_rows must be in [0, {B}], got {logit_rows}")
         logits = torch.empty(logit_rows, self.vocab)
         k_ptrs, v_ptrs, k_strides, v_strides = self.cache_pointers(cache)
         self.lib.omp_set_num_threads(threads())
@@ -377,8 +378,9 @@ class NativeDecoder:
             raise LLMLabError("nothing to prefill")
         for s in range(0, len(ids), PREFILL_ROWS):
             part = ids[s:s + PREFILL_ROWS]
+            last = s + PREFILL_ROWS >= len(ids)  # only the last chunk's logits are wanted (the head is ~3 ms a chunk)
             logits = self(torch.tensor(part), torch.arange(start + s, start + s + len(part)), cache,
-                          torch.full((len(part),), row), logit_rows=1, prompt=True)
+                          torch.full((len(part),), row), logit_rows=int(last), prompt=True)
         return logits
 
 

@@ -750,7 +750,7 @@ void llmlab_embed(const QMat* W, const int64_t* tokens, int64_t n, float* out) {
 // One decode step: tokens (B,) at positions pos (B,); k_cache/v_cache: per layer a pointer to the fp32 cache
 // (batch, kv_heads, slots, head_dim) with element strides ks/vs (batch, head, slot; head_dim is contiguous).
 // Writes each row's key and value at its position, and the next-token logits of the last logit_rows rows
-// (logit_rows, vocab): all B for decoding and verifying, 1 for a chunk of a prompt. prompt = 1 marks a prompt's chunk:
+// (logit_rows, vocab): all B for decoding and verifying, 1 for a prompt's last chunk, 0 for its others. prompt = 1 marks a prompt's chunk:
 // its activations are bf16 where llmlab_bf16 is on, else fp32, never int8: its last logits choose the first token
 // (in int8, SmolLM2 answered "What is the capital of France?" with "L'Étoile" instead of "Paris").
 // Row b uses cache row cache_row[b] (null: row b). Every row's key and value are written before any row attends,
@@ -796,7 +796,8 @@ void llmlab_step(const ModelDesc* Mp, const int64_t* tokens, const int64_t* pos,
     matmul_many({{&M.wdown[l], tmp.data(), dim}}, gate.data(), hidden, B, acts);
     for (int64_t i = 0; i < B * dim; ++i) x[i] += tmp[i];
   }
-  const int64_t skip = B - logit_rows;  // rows whose logits nobody needs (a prefill chunk's all but last)
+  if (logit_rows == 0) return;  // a prompt's chunk before its last: only its keys and values are wanted
+  const int64_t skip = B - logit_rows;  // rows whose logits nobody needs (a prompt's last chunk's all but last)
   for (int64_t b = skip; b < B; ++b) rmsnorm(&x[b * dim], M.norm_final, &h[b * dim], dim, M.eps);
   matmul_many({{M.head, logits, M.vocab}}, h.data() + skip * dim, dim, logit_rows, acts);
 }
