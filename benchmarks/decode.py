@@ -97,8 +97,10 @@ def run_llmlab(gguf, n_prompt, n_new, mode):
 
 
 def run_llmlab_fp32_activations(a):
-    """The default path with the native kernel's int8 activations off (decode.cpp reads $LLMLAB_NATIVE_INT8 at load)."""
+    """The default path with the native kernel's int8 (decode) and bf16 (prompt) activations off: fp32 throughout
+    (decode.cpp reads $LLMLAB_NATIVE_INT8 and $LLMLAB_NATIVE_BF16 at load)."""
     os.environ["LLMLAB_NATIVE_INT8"] = "0"
+    os.environ["LLMLAB_NATIVE_BF16"] = "0"
     return run_llmlab(a.gguf, a.prompt_tokens, a.new_tokens, "default")
 
 
