@@ -6,7 +6,9 @@ Every engine runs in its own fresh process (so peak memory and start-up are its 
 SmolLM2 Q4_1 GGUF), the same 128-token prompt, greedy, batch 1; the engines alternate over rounds and the best
 round counts. "llmlab default" is `llmlab.load(FILE)` with no options (the native 4-bit kernel on the file's
 own weights), "llmlab exact" is fp32 eager, "llmlab int4 compiled" the PyTorch 4-bit copies under torch.compile;
-llama-bench (`-p 128 -n 128 -t THREADS`, built by benchmarks/build_llamacpp.sh) runs when built. Start-up is
+llama-bench (`-p 128 -n 128 -d 0,128 -t THREADS`, built by benchmarks/build_llamacpp.sh; its decode measured after
+128 tokens of context, as the others decode after the prompt) runs when built. `--prompt-tokens 2048` compares
+decoding at a long context (KV cache reads: llmlab's native step keeps an fp16 cache, as llama.cpp does). Start-up is
 the time from a fresh process to the first generated tokens: cold in round 1 (empty native-build and inductor
 caches), warm afterwards. Prints a table with ratios (to llama-bench when present) and writes
 benchmarks/results/decode.json. Run it on a quiet machine: on 2 cores, any other busy process halves everything.
@@ -26,7 +28,7 @@ from pathlib import Path
 
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
         "movable metal type, oil-based ink and a screw press adapted from wine making. Books became cheaper, "
-        "literacy spread, and ideas travelled faster than ever before across Europe. ") * 8
+        "literacy spread, and ideas travelled faster than ever before across Europe. ") * 64
 RESULTS = Path(__file__).parent / "results" / "decode.json"
 
 
@@ -125,7 +127,7 @@ def run_llama_bench(gguf, n_prompt, n_new, threads):
     sys.path.insert(0, str(Path(__file__).parent))
     from llamacpp import bench
 
-    result = bench(gguf, n_prompt, n_new, threads)
+    result = bench(gguf, n_prompt, n_new, threads, depth=n_prompt)  # decode after the prompt, as the others do
     # llama-bench reports rates; as times they fit the table (decode: n_new - 1 tokens as for the others)
     return dict(prefill_s=n_prompt / result["prefill_tok_s"], decode_s=(n_new - 1) / result["decode_tok_s"],
                 start_s=None, tokens=None, cpu_info=result.get("cpu_info"),

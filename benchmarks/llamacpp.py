@@ -61,20 +61,22 @@ def as_gguf(model: str, kind: str = "q4_1") -> Path:
     return out
 
 
-def bench(gguf: str | Path, n_prompt: int = 128, n_gen: int = 128, threads: int = 2, reps: int = 3) -> dict:
-    """llama-bench's prefill (pp) and decode (tg) speed on this GGUF, batch 1, mean over `reps` runs."""
+def bench(gguf: str | Path, n_prompt: int = 128, n_gen: int = 128, threads: int = 2, reps: int = 3,
+          depth: int = 0) -> dict:
+    """llama-bench's prefill (pp, from an empty context) and decode (tg, after `depth` tokens of context: a decode
+    after a prompt of that many tokens) speed on this GGUF, batch 1, mean over `reps` runs."""
     cmd = [str(tool("llama-bench")), "-m", str(gguf), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads),
-           "-r", str(reps), "-o", "json"]
+           "-r", str(reps), "-o", "json"] + (["-d", f"0,{depth}"] if depth else [])
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
         raise SystemExit(f"llama-bench failed ({run.returncode}): {run.stderr[-2000:]}")
     rows = json.loads(run.stdout)
-    prefill = next(r for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
-    decode = next(r for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
+    prefill = next(r for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0 and r.get("n_depth", 0) == 0)
+    decode = next(r for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0 and r.get("n_depth", 0) == depth)
     return {"prefill_tok_s": prefill["avg_ts"], "prefill_stddev": prefill["stddev_ts"],
             "decode_tok_s": decode["avg_ts"], "decode_stddev": decode["stddev_ts"],
             "model_type": prefill.get("model_type"), "build_commit": prefill.get("build_commit"),
-            "cpu_info": prefill.get("cpu_info"), "threads": threads, "command": " ".join(cmd)}
+            "cpu_info": prefill.get("cpu_info"), "threads": threads, "decode_depth": depth, "command": " ".join(cmd)}
 
 
 @contextmanager

@@ -3,6 +3,8 @@
 Plain helper functions live in tests/helpers.py, imported as `helpers` (pytest puts this directory on the import path).
 """
 
+import os
+
 import pytest
 
 from helpers import make_tiny_chat_checkpoint
@@ -28,17 +30,25 @@ def smollm2(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def fp32_decode():
-    """Native decode steps with fp32 activations for one test module. The default rounds activations to int8 (as
-    llama.cpp does); a prompt whose cache was computed in another order (the server's prefix cache, a batched
-    prefill) differs by float rounding, which int8 rounding can turn into another greedy token at a near-tie. Modules
-    that compare the decode path with another path bit for bit (or log-probs with the scoring path) use this."""
+    """Native steps with fp32 activations for one test module. The default rounds decode steps' activations to int8
+    (as llama.cpp does) and prompts' to bf16; a prompt whose cache was computed in another order (the server's prefix
+    cache, a batched prefill) differs by float rounding, which that rounding can turn into another greedy token at a
+    near-tie. Modules that compare the decode path with another path bit for bit (or log-probs with the scoring
+    path) use this. Models loaded meanwhile keep an fp32 KV cache too: fp16 rounds each path's float noise to the
+    nearest of values 2^-11 apart, ~1e-3 in a log-probability."""
     from llmlab.engine.native import load_library
 
     lib = load_library()
-    was = lib.llmlab_int8(0) if lib is not None else None
+    was = (lib.llmlab_int8(0), lib.llmlab_bf16(0)) if lib is not None else None
+    kv16 = os.environ.get("LLMLAB_NATIVE_KV16")
+    os.environ["LLMLAB_NATIVE_KV16"] = "0"
     yield
+    if kv16 is None:
+        os.environ.pop("LLMLAB_NATIVE_KV16")
+    else:
+        os.environ["LLMLAB_NATIVE_KV16"] = kv16
     if lib is not None:
-        lib.llmlab_int8(was)
+        lib.llmlab_int8(was[0]), lib.llmlab_bf16(was[1])
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from llmlab.eval.tasks import load_task, run_task
 
 
 @pytest.fixture(scope="module")
-def llm(smollm2_gguf):
+def llm(smollm2_gguf, fp32_decode):  # log-likelihoods of two paths are compared
     import llmlab
     return llmlab.load(smollm2_gguf)
 

@@ -9,7 +9,8 @@ import torch
 
 from llmlab.engine import Engine, SamplingParams
 from llmlab.engine.batcher import cache_view
-from llmlab.engine.native import NativeDecoder, NativeLinear, Packed, free_dense_weights, load_library
+from llmlab.engine.native import (NativeDecoder, NativeLinear, Packed, free_dense_weights, half_kv_cache,
+                                  load_library)
 from llmlab.model import ModelConfig, Transformer
 from llmlab.model.quant import pack_groups, unpack_groups
 from helpers import ByteTokenizer
@@ -231,13 +232,18 @@ def test_a_packed_model_can_still_get_pytorch_4_bit_copies():
 # ---- several rows of one sequence in one cache row: a speculative verify in one native call ----------------------
 
 
-def test_a_verify_of_k_plus_1_tokens_equals_single_steps_and_the_pytorch_forward():
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_a_verify_of_k_plus_1_tokens_equals_single_steps_and_the_pytorch_forward(kv_dtype):
+    if kv_dtype == torch.float16 and not half_kv_cache():
+        pytest.skip("this CPU has no F16C: the native step keeps an fp32 cache")
     model = tiny_model()
+    model.kv_dtype = kv_dtype  # what llmlab.load sets for the native step (fp16); PyTorch reads it back as fp32
     native = NativeDecoder(model)
     prompt, fed = [5, 6, 7, 8, 9, 10, 11], [3, 40, 41, 3, 2, 7]  # the pending token and five drafts
     caches = []
     for _ in range(3):  # the sequence sits in row 1 of a 3-row cache: rows 0 and 2 must stay untouched
         cache = model.new_cache(3, 32)
+        assert cache.k[0].dtype == kv_dtype
         for t in cache.k + cache.v:
             t.normal_(generator=torch.Generator().manual_seed(1))
         one = model.new_cache(1, len(prompt))

@@ -99,7 +99,7 @@ class LLM:
         cfg = self.model.config
         n, weights_bytes = weight_counts(self.model)
         dtype = self.model.model.norm.weight.dtype
-        bytes_per = torch.finfo(dtype).bits // 8
+        bytes_per = torch.finfo(self.model.kv_dtype or dtype).bits // 8  # (the native step's cache: fp16)
         kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * bytes_per
         return {
             "path": str(self.path), "architecture": cfg.hf_model_type, "parameters": n,
@@ -155,10 +155,12 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, dtype=None, compile: bool = F
         fast = load_packed(name_or_path)
     if fast is not None:
         (model, tokenizer, path), choice = fast
-        from llmlab.engine.native import NativeDecoder, simd
+        from llmlab.engine.native import NativeDecoder, half_kv_cache, simd
         native_step = NativeDecoder(model)
-        choice = (f"native decode kernel ({simd()}, {torch.get_num_threads()} threads) on {choice}; prompts "
-                  "prefill through it too; --exact for fp32 eager")
+        if half_kv_cache():
+            model.kv_dtype = torch.float16
+        choice = (f"native decode kernel ({simd()}, {torch.get_num_threads()} threads{', fp16 KV cache' if model.kv_dtype else ''}) "
+                  f"on {choice}; prompts prefill through it too; --exact for fp32 eager")
     else:
         model, tokenizer, path = load_checkpoint_dense(name_or_path, dtype)
         native_step = None

@@ -136,6 +136,8 @@ class Attention(nn.Module):
             cache_k, cache_v = kv_cache.update(self.layer, k, v, input_pos)
             if mask is not None:  # attend to all cached slots; a fresh prompt (mask None) only to itself
                 k, v = cache_k.to(q.dtype), cache_v.to(q.dtype)
+            elif cache_k.dtype != k.dtype:  # ... as the cache holds it (an fp16 cache: as the native step sees it)
+                k, v = k.to(cache_k.dtype).to(q.dtype), v.to(cache_v.dtype).to(q.dtype)
         # grouped-query: each kv head serves n_heads // n_kv_heads query heads, without copying it that often
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
@@ -295,9 +297,11 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return self.lm_head(x)
 
+    kv_dtype = None  # the KV cache's dtype where it is not the weights' (fp16 for the native decode step: llmlab.load)
+
     def new_cache(self, batch_size: int, max_len: int, dtype=None, lazy: bool = False) -> KVCache:
         p = self.model.norm.weight  # not the embedding's: a packed one (llmlab.engine.native) has no dense weight
-        return KVCache(self.config, batch_size, max_len, dtype=dtype or p.dtype, device=p.device,
+        return KVCache(self.config, batch_size, max_len, dtype=dtype or self.kv_dtype or p.dtype, device=p.device,
                        far_keys=getattr(self, "self_extend", None) is not None, lazy=lazy)
 
     def num_params(self) -> int:

@@ -103,7 +103,7 @@ def load_library():
         lib.llmlab_step.restype = None
         lib.llmlab_step.argtypes = [ctypes.POINTER(ModelDesc), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                     ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
         lib.llmlab_qmatmul.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         lib.llmlab_qmatmul_step.argtypes = lib.llmlab_qmatmul.argtypes
         lib.llmlab_qmatmul_prompt.argtypes = lib.llmlab_qmatmul.argtypes
@@ -155,6 +155,14 @@ def simd() -> str:
         return "scalar"
     kinds = ["avx512"] + (["int8 decode"] if lib.llmlab_int8(-1) else []) + (["bf16 prompts"] if lib.llmlab_bf16(-1) else [])
     return ", ".join(kinds)  # int8 / bf16 activations: decode.cpp, $LLMLAB_NATIVE_INT8 / $LLMLAB_NATIVE_BF16
+
+
+def half_kv_cache() -> bool:
+    """Whether the native step keeps an fp16 KV cache (where F16C converts it; $LLMLAB_NATIVE_KV16=0: fp32):
+    llmlab.load then makes the model's caches fp16 (Transformer.kv_dtype), as llama.cpp does by default: half the
+    bytes attention reads per step and half the memory per token."""
+    lib = load_library()
+    return lib is not None and bool(lib.llmlab_half_kv()) and os.environ.get("LLMLAB_NATIVE_KV16") != "0"
 
 
 TILE = 16  # output rows per tile of the kernel's layout (decode.cpp)
@@ -343,11 +351,11 @@ class NativeDecoder:
         if not 0 <= logit_rows <= B:
             raise LLMLabError(f"logit_rows must be in [0, {B}], got {logit_rows}")
         logits = torch.empty(logit_rows, self.vocab)
-        k_ptrs, v_ptrs, k_strides, v_strides = self.cache_pointers(cache)
+        k_ptrs, v_ptrs, k_strides, v_strides, half = self.cache_pointers(cache)
         self.lib.omp_set_num_threads(threads())
         self.lib.llmlab_step(ctypes.byref(self.desc), tokens.data_ptr(), pos.data_ptr(),
                              None if cache_rows is None else cache_rows.data_ptr(), B, k_ptrs, v_ptrs,
-                             k_strides, v_strides, logits.data_ptr(), logit_rows, int(prompt))
+                             k_strides, v_strides, logits.data_ptr(), logit_rows, int(prompt), half)
         return logits
 
     def cache_pointers(self, cache):
@@ -357,11 +365,14 @@ class NativeDecoder:
         if known is not None and known[0] is cache.k and known[1] is cache.v:
             return known[2]
         k, v = cache.k, cache.v
-        if k[0].dtype != torch.float32 or any(t.stride(3) != 1 for t in k + v):
-            raise LLMLabError("the native decode step needs an fp32 KV cache with contiguous head dimensions")
+        dtypes = (torch.float32, torch.float16) if half_kv_cache() else (torch.float32,)
+        if k[0].dtype not in dtypes or any(t.dtype != k[0].dtype or t.stride(3) != 1 for t in k + v):
+            raise LLMLabError(f"the native decode step needs a KV cache of {' or '.join(map(str, dtypes))} with "
+                              "contiguous head dimensions")
         made = ((ctypes.c_void_p * self.n_layers)(*[t.data_ptr() for t in k]),
                 (ctypes.c_void_p * self.n_layers)(*[t.data_ptr() for t in v]),
-                (ctypes.c_int64 * 3)(*k[0].stride()[:3]), (ctypes.c_int64 * 3)(*v[0].stride()[:3]))
+                (ctypes.c_int64 * 3)(*k[0].stride()[:3]), (ctypes.c_int64 * 3)(*v[0].stride()[:3]),
+                int(k[0].dtype == torch.float16))
         cache.native_pointers = (k, v, made)
         return made
 

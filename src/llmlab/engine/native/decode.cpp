@@ -9,14 +9,15 @@
 // weights, tiles of 16 output rows (see "the tiled weight layout") that each serve every row of the batch. Where the
 // CPU has AVX512-VNNI, decode rows are rounded to int8 per group and meet the weights in integer dot products (as
 // llama.cpp's Q8 x Q4 kernels do): at batch 1 the step is bound by streaming the weights, and these keep up with it.
-// Many rows of one sequence in one call are a prompt's chunk (prefill, fp32 activations) or a speculative verify.
-// Attention reads the fp32 cache in blocks of 16 positions (one shuffle tree for their 16 scores, a vector exp),
-// split into parts of 64 positions that the threads share and whose softmaxes are combined after.
+// Many rows of one sequence in one call are a prompt's chunk (prefill: bf16 activations where the CPU has
+// AVX512-BF16, else fp32) or a speculative verify. Attention reads the cache (fp16 as llama.cpp's, or fp32) in blocks
+// of 16 positions (one shuffle tree for their 16 scores, a vector exp), split into parts of 64 positions that the
+// threads share and whose softmaxes are combined after.
 //
 // Weights: w[o, i] = d[o, g] * q[o, i] + m[o, g] for the group g = i / 32 (GGUF's Q4_1 form, fp16 d and m).
 // 4 bits: two per byte, byte j of a group holding q[j] (low nibble) and q[j + 16] (high nibble), as in GGUF;
 // 8 bits: one byte per weight; both laid out in tiles of 16 rows. The KV cache is the engine's own (llmlab.model.transformer.KVCache): per layer a
-// (batch, kv_heads, slots, head_dim) fp32 tensor, possibly a view (the batcher's), so its strides are given.
+// (batch, kv_heads, slots, head_dim) fp16 or fp32 tensor, possibly a view (the batcher's), so its strides are given.
 #include <omp.h>
 
 #include <algorithm>
@@ -54,6 +55,22 @@ inline float half_to_float(uint16_t h) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
+#endif
+}
+
+// The KV cache holds fp32 or fp16 (an fp16 cache halves what attention reads per step, as llama.cpp's default does;
+// F16C converts): a cached value as fp32, and a key or value row stored.
+inline float cached(float v) { return v; }
+inline float cached(uint16_t h) { return half_to_float(h); }
+inline void store_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void store_row(uint16_t* dst, const float* src, int64_t n) {
+#if defined(__F16C__)
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+#else
+  (void)dst, (void)src, (void)n;  // llmlab_half_kv() says 0: no fp16 cache reaches here
 #endif
 }
 
@@ -545,8 +562,11 @@ inline __m512 sum_lanes16(__m512* v) {
 // the threads share). Per 16 positions, each head's 16 scores take one sum_lanes16 instead of 16 reductions and
 // one vector exp; the heads read the group's keys and values from L1 after the first (GQA: SmolLM2's three heads
 // of a group used to stream them from L2 three times). fp32 throughout: only the order of the sums differs.
-template <int C>
-void attend_group_avx512(const float* q, int64_t G, const float* Kh, int64_t kstep, const float* Vh, int64_t vstep,
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+template <int C, typename T>
+void attend_group_avx512(const float* q, int64_t G, const T* Kh, int64_t kstep, const T* Vh, int64_t vstep,
                          int64_t s0, int64_t s1, float scale, float* top, float* total, float* y) {
   alignas(64) float scores[PART];
   const int64_t n = s1 - s0;
@@ -557,9 +577,9 @@ void attend_group_avx512(const float* q, int64_t G, const float* Kh, int64_t kst
       const int64_t cnt = std::min<int64_t>(16, n - b0);
       __m512 part[16];
       for (int64_t j = 0; j < 16; ++j) {
-        const float* k = Kh + (s0 + b0 + std::min(j, cnt - 1)) * kstep;  // past the end: a repeat, masked out below
-        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
-        for (int i = 1; i < C; ++i) acc = _mm512_fmadd_ps(qv[i], _mm512_loadu_ps(k + 16 * i), acc);
+        const T* k = Kh + (s0 + b0 + std::min(j, cnt - 1)) * kstep;  // past the end: a repeat, masked out below
+        __m512 acc = _mm512_mul_ps(qv[0], load16(k));
+        for (int i = 1; i < C; ++i) acc = _mm512_fmadd_ps(qv[i], load16(k + 16 * i), acc);
         part[j] = acc;
       }
       const __m512 sv = sum_lanes16(part);
@@ -579,8 +599,8 @@ void attend_group_avx512(const float* q, int64_t G, const float* Kh, int64_t kst
     for (int i = 0; i < C; ++i) acc[0][i] = acc[1][i] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {  // two chains per 16 values: half the FMA latency
       const __m512 pj = _mm512_set1_ps(scores[j]);
-      const float* v = Vh + (s0 + j) * vstep;
-      for (int i = 0; i < C; ++i) acc[j & 1][i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 16 * i), acc[j & 1][i]);
+      const T* v = Vh + (s0 + j) * vstep;
+      for (int i = 0; i < C; ++i) acc[j & 1][i] = _mm512_fmadd_ps(pj, load16(v + 16 * i), acc[j & 1][i]);
     }
     for (int i = 0; i < C; ++i) _mm512_storeu_ps(y + h * 16 * C + 16 * i, _mm512_add_ps(acc[0][i], acc[1][i]));
   }
@@ -588,14 +608,20 @@ void attend_group_avx512(const float* q, int64_t G, const float* Kh, int64_t kst
 #endif
 
 // The same in plain loops (other CPUs, other head sizes).
-void attend_group_plain(const float* q, int64_t G, const float* Kh, int64_t kstep, const float* Vh, int64_t vstep,
+template <typename T>
+void attend_group_plain(const float* q, int64_t G, const T* Kh, int64_t kstep, const T* Vh, int64_t vstep,
                         int64_t s0, int64_t s1, int64_t hd, float scale, float* top, float* total, float* y) {
   for (int64_t h = 0; h < G; ++h) {
     float mx = -INFINITY, sum = 0.f;
     float* yh = y + h * hd;
     std::fill(yh, yh + hd, 0.f);
     for (int64_t s = s0; s < s1; ++s) {
-      const float score = dotf(q + h * hd, Kh + s * kstep, hd) * scale;
+      float score = 0.f;
+      if constexpr (std::is_same_v<T, float>) score = dotf(q + h * hd, Kh + s * kstep, hd) * scale;
+      else {
+        for (int64_t i = 0; i < hd; ++i) score += q[h * hd + i] * cached(Kh[s * kstep + i]);
+        score *= scale;
+      }
       if (score > mx) {  // a new maximum: rescale what is summed so far
         const float r = std::exp(mx - score);
         sum *= r;
@@ -604,30 +630,32 @@ void attend_group_plain(const float* q, int64_t G, const float* Kh, int64_t kste
       }
       const float e = std::exp(score - mx);
       sum += e;
-      for (int64_t i = 0; i < hd; ++i) yh[i] += e * Vh[s * vstep + i];
+      for (int64_t i = 0; i < hd; ++i) yh[i] += e * cached(Vh[s * vstep + i]);
     }
     top[h] = mx, total[h] = sum;
   }
 }
 
-void attend_group(const float* q, int64_t G, const float* Kh, int64_t kstep, const float* Vh, int64_t vstep,
+template <typename T>
+void attend_group(const float* q, int64_t G, const T* Kh, int64_t kstep, const T* Vh, int64_t vstep,
                   int64_t s0, int64_t s1, int64_t hd, float scale, float* top, float* total, float* y) {
 #if defined(LLMLAB_AVX512)
   switch (hd) {
-    case 16: return attend_group_avx512<1>(q, G, Kh, kstep, Vh, vstep, s0, s1, scale, top, total, y);
-    case 32: return attend_group_avx512<2>(q, G, Kh, kstep, Vh, vstep, s0, s1, scale, top, total, y);
-    case 64: return attend_group_avx512<4>(q, G, Kh, kstep, Vh, vstep, s0, s1, scale, top, total, y);
-    case 128: return attend_group_avx512<8>(q, G, Kh, kstep, Vh, vstep, s0, s1, scale, top, total, y);
+    case 16: return attend_group_avx512<1, T>(q, G, Kh, kstep, Vh, vstep, s0, s1, scale, top, total, y);
+    case 32: return attend_group_avx512<2, T>(q, G, Kh, kstep, Vh, vstep, s0, s1, scale, top, total, y);
+    case 64: return attend_group_avx512<4, T>(q, G, Kh, kstep, Vh, vstep, s0, s1, scale, top, total, y);
+    case 128: return attend_group_avx512<8, T>(q, G, Kh, kstep, Vh, vstep, s0, s1, scale, top, total, y);
   }
 #endif
-  attend_group_plain(q, G, Kh, kstep, Vh, vstep, s0, s1, hd, scale, top, total, y);
+  attend_group_plain<T>(q, G, Kh, kstep, Vh, vstep, s0, s1, hd, scale, top, total, y);
 }
 
 // Each row's queries (B, n_heads*hd) attend over the slots [0, pos] of its cache row -> out (B, n_heads*hd).
 // Row b reads cache row cache_row[b] (null: row b), so rows of one sequence at pos, pos + 1, ... attend causally.
 // Tasks are (row, kv group, part of PART positions), combined per head after: parts keep two threads busy at
 // batch 1 (three kv groups), and depend on the position alone, so a row's result never depends on its batch.
-void attend(const ModelDesc& M, const float* q, const float* K, const float* V, const int64_t* ks,
+template <typename T>
+void attend(const ModelDesc& M, const float* q, const T* K, const T* V, const int64_t* ks,
             const int64_t* vs, const int64_t* pos, const int64_t* cache_row, int64_t B, float* out) {
   const int64_t hd = M.head_dim, H = M.n_heads, KV = M.n_kv_heads, G = H / KV;
   const float scale = 1.0f / std::sqrt(float(hd));
@@ -678,6 +706,22 @@ void attend(const ModelDesc& M, const float* q, const float* K, const float* V, 
   }
 }
 
+// Writes each row's key and value (B, kv_heads * hd) at its position in its cache row, then attends: every row's
+// are written before any row attends (so rows of one sequence are a causal forward).
+template <typename T>
+void cache_and_attend(const ModelDesc& M, const float* q, const float* k, const float* v, T* K, T* V, const int64_t* ks,
+                      const int64_t* vs, const int64_t* pos, const int64_t* cache_row, int64_t B, float* out) {
+  const int64_t hd = M.head_dim, kvd = M.n_kv_heads * hd;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t row = cache_row ? cache_row[b] : b;
+    for (int64_t g = 0; g < M.n_kv_heads; ++g) {
+      store_row(K + row * ks[0] + g * ks[1] + pos[b] * ks[2], &k[b * kvd + g * hd], hd);
+      store_row(V + row * vs[0] + g * vs[1] + pos[b] * vs[2], &v[b * kvd + g * hd], hd);
+    }
+  }
+  attend(M, q, K, V, ks, vs, pos, cache_row, B, out);
+}
+
 // g = silu(g) * u, the SwiGLU: a vector exp where there is one (1536 scalar exps a layer were ~2% of a step)
 void silu_mul(float* g, const float* u, int64_t n) {
   int64_t i = 0;
@@ -710,6 +754,15 @@ int llmlab_int8(int on) {
   return int8_activations;
 #else
   return 0 * on;
+#endif
+}
+
+// Whether llmlab_step can keep an fp16 KV cache (F16C converts it).
+int llmlab_half_kv() {
+#if defined(__F16C__)
+  return 1;
+#else
+  return 0;
 #endif
 }
 
@@ -747,7 +800,8 @@ void llmlab_embed(const QMat* W, const int64_t* tokens, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) dequantize_row(*W, tokens[i], out + i * W->in);
 }
 
-// One decode step: tokens (B,) at positions pos (B,); k_cache/v_cache: per layer a pointer to the fp32 cache
+// One decode step: tokens (B,) at positions pos (B,); k_cache/v_cache: per layer a pointer to the fp32 (kv_half = 0)
+// or fp16 (kv_half = 1, where llmlab_half_kv() says so) cache
 // (batch, kv_heads, slots, head_dim) with element strides ks/vs (batch, head, slot; head_dim is contiguous).
 // Writes each row's key and value at its position, and the next-token logits of the last logit_rows rows
 // (logit_rows, vocab): all B for decoding and verifying, 1 for a prompt's last chunk, 0 for its others. prompt = 1 marks a prompt's chunk:
@@ -757,8 +811,8 @@ void llmlab_embed(const QMat* W, const int64_t* tokens, int64_t n, float* out) {
 // so k + 1 rows of ONE sequence at positions p..p+k sharing a cache row are a causal forward of k + 1 tokens
 // (a speculative verify in one call).
 void llmlab_step(const ModelDesc* Mp, const int64_t* tokens, const int64_t* pos, const int64_t* cache_row, int64_t B,
-                 float* const* k_cache, float* const* v_cache, const int64_t* ks, const int64_t* vs, float* logits,
-                 int64_t logit_rows, int prompt) {
+                 void* const* k_cache, void* const* v_cache, const int64_t* ks, const int64_t* vs, float* logits,
+                 int64_t logit_rows, int prompt, int kv_half) {
   const ModelDesc& M = *Mp;
   const Acts acts = prompt ? Acts::prompt : Acts::step;
   const int64_t dim = M.dim, hd = M.head_dim, half = hd / 2, hidden = M.hidden;
@@ -776,18 +830,16 @@ void llmlab_step(const ModelDesc* Mp, const int64_t* tokens, const int64_t* pos,
   for (int64_t l = 0; l < M.n_layers; ++l) {
     for (int64_t b = 0; b < B; ++b) rmsnorm(&x[b * dim], M.norm_in[l], &h[b * dim], dim, M.eps);
     matmul_many({{&M.wq[l], q.data(), qd}, {&M.wk[l], k.data(), kvd}, {&M.wv[l], v.data(), kvd}}, h.data(), dim, B, acts);
-    float* K = k_cache[l];
-    float* V = v_cache[l];
     for (int64_t b = 0; b < B; ++b) {
       rope(&q[b * qd], M.n_heads, hd, &cosv[b * half], &sinv[b * half]);
       rope(&k[b * kvd], M.n_kv_heads, hd, &cosv[b * half], &sinv[b * half]);
-      const int64_t row = cache_row ? cache_row[b] : b;
-      for (int64_t g = 0; g < M.n_kv_heads; ++g) {
-        std::memcpy(K + row * ks[0] + g * ks[1] + pos[b] * ks[2], &k[b * kvd + g * hd], hd * sizeof(float));
-        std::memcpy(V + row * vs[0] + g * vs[1] + pos[b] * vs[2], &v[b * kvd + g * hd], hd * sizeof(float));
-      }
     }
-    attend(M, q.data(), K, V, ks, vs, pos, cache_row, B, att.data());
+    if (kv_half)
+      cache_and_attend(M, q.data(), k.data(), v.data(), static_cast<uint16_t*>(k_cache[l]),
+                       static_cast<uint16_t*>(v_cache[l]), ks, vs, pos, cache_row, B, att.data());
+    else
+      cache_and_attend(M, q.data(), k.data(), v.data(), static_cast<float*>(k_cache[l]), static_cast<float*>(v_cache[l]),
+                       ks, vs, pos, cache_row, B, att.data());
     matmul_many({{&M.wo[l], tmp.data(), dim}}, att.data(), qd, B, acts);
     for (int64_t i = 0; i < B * dim; ++i) x[i] += tmp[i];
     for (int64_t b = 0; b < B; ++b) rmsnorm(&x[b * dim], M.norm_post[l], &h[b * dim], dim, M.eps);
