@@ -64,10 +64,11 @@ def walk(gguf: str, n_prompt: int, n_new: int, threads: int) -> dict:
     stages.append(("peak while prefilling and decoding", status()))
 
     cfg = llm.model.config
-    kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4  # fp32 keys and values
+    kv_dtype = llm.model.new_cache(1, 1).k[0].dtype  # (fp16 where the native step keeps its cache in fp16)
+    kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * kv_dtype.itemsize
     cache_len = llm.engine._cache_len(n_prompt + n_new)
     held = {"packed weights (own count)": llmlab.api.weight_counts(llm.model)[1] / 2**20,
-            f"KV cache, {cache_len} slots fp32 (own count)": kv_per_token * cache_len / 2**20,
+            f"KV cache, {cache_len} slots {str(kv_dtype).removeprefix('torch.')} (own count)": kv_per_token * cache_len / 2**20,
             f"prefill's own KV cache, {n_prompt} slots (own count)": kv_per_token * n_prompt / 2**20}
     return {"stages": stages, "held": held}
 

@@ -44,7 +44,8 @@ def test_the_incremental_lookup_drafts_what_lookup_draft_does():
             assert draft.propose(context, k, None)[0] == lookup_draft(context, k, 3), (seed, context, k)
             longest = max((n for n in range(1, min(3, len(context) - 1) + 1)  # the matched suffix's length
                            if any(context[s:s + n] == context[-n:] for s in range(len(context) - n))), default=0)
-            assert min(draft.strength(context), 3) == longest
+            strength = draft.strength(context)  # 0 also for a 1-token match whose occurrences disagree (no draft)
+            assert min(strength, 3) == longest or (strength == 0 and longest == 1 and not lookup_draft(context, 1))
     copy = [7, 1, 2, 3, 4, 5, 9, 1, 2, 3, 4, 5]  # a whole 3-gram match's strength: how far back it runs (5 tokens)
     assert LookupDrafter(3).start(copy, 100).strength(copy) == 5
 
