@@ -1,169 +1,28 @@
-"""The native decode step: decode.cpp built on first use for this CPU, and the Python side that feeds it.
+"""The native decode step: the Python side that feeds decode.cpp (built and loaded by library.py).
 
 `NativeDecoder(model)` packs a Llama-type model's projections in 4-bit groups (8-bit for the output head) and
-runs a whole decode step (embedding, 30 layers, head) in one C++ call over the engine's own KV cache, so
-prefill (PyTorch) and decode (native) share it. The library is compiled with g++ -O3 -march=native -fopenmp
-into $LLMLAB_HOME/native/<key> ($LLMLAB_NATIVE_CACHE/<key> if set), where the key hashes the source, the compiler and the CPU's flags: each CPU
-kind gets its own build (AVX-512 where the CPU has it, else plain loops the compiler vectorises). A failed
-build is logged once and `load_library()` returns None: callers keep the PyTorch path.
+runs a whole step (embedding, 30 layers, head) in one C++ call over the engine's own KV cache: decode steps,
+speculative verifies and a prompt's chunks (prefill) alike. Without the library callers keep the PyTorch path.
 """
 
 from __future__ import annotations
 
 import copy
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmlab.checkpoint.registry import cache_dir
+from llmlab.engine.native.library import (  # noqa: F401 (re-exported: callers import them from here)
+    ModelDesc, QMat, half_kv_cache, load_library, release_thread_pool, simd, threads)
 from llmlab.errors import LLMLabError
 from llmlab.model.quant import pack_groups
 
-SOURCE = Path(__file__).with_name("decode.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 ATTN_NAMES, MLP_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
 MAX_NATIVE_ROWS = 8  # a NativeLinear call of more rows dequantizes and uses PyTorch's matmul
 DEQUANT_ROWS = 4096  # output rows dequantized at a time for a NativeLinear call of many rows
 PREFILL_ROWS = 64  # prompt tokens per native call of NativeDecoder.prefill (the weights are read once per call)
-
-_library = None
-_tried = False
-
-
-class QMat(ctypes.Structure):
-    _fields_ = [("q", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("out", ctypes.c_int64), ("inp", ctypes.c_int64), ("bits", ctypes.c_int64)]
-
-
-class ModelDesc(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int64) for name in
-                ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "hidden", "vocab")] + [
-        ("eps", ctypes.c_double), ("embed", ctypes.c_void_p), ("embed_q", ctypes.POINTER(QMat)),
-        ("norm_in", ctypes.c_void_p), ("norm_post", ctypes.c_void_p), ("norm_final", ctypes.c_void_p),
-        ("inv_freq", ctypes.c_void_p)] + [
-        (name, ctypes.POINTER(QMat)) for name in ("wq", "wk", "wv", "wo", "wgate", "wup", "wdown", "head")]
-
-
-def cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return " ".join(sorted(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return os.uname().machine
-
-
-def build_key() -> str:
-    """Source, compiler and CPU flags: a build made for one CPU kind is never loaded on another."""
-    compiler = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    text = "\n".join([SOURCE.read_text(), " ".join(FLAGS), *compiler, cpu_flags()])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def library_path() -> Path:
-    """$LLMLAB_NATIVE_CACHE (e.g. an empty directory, to time a cold start), else $LLMLAB_HOME/native."""
-    root = Path(os.environ["LLMLAB_NATIVE_CACHE"]) if os.environ.get("LLMLAB_NATIVE_CACHE") else cache_dir() / "native"
-    return root / build_key() / "llmlab_decode.so"
-
-
-def build(path: Path) -> None:
-    """Compile decode.cpp into path atomically (temp file + rename), so a crash never leaves half a library."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        out = Path(tmp) / path.name
-        done = subprocess.run(["g++", *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "g++ failed")
-        os.replace(out, path)
-
-
-def load_library():
-    """The compiled library (built on first use for this CPU), or None with one line on stderr if it cannot be."""
-    global _library, _tried
-    if _tried:
-        return _library
-    _tried = True
-    try:
-        if shutil.which("g++") is None:
-            raise RuntimeError("g++ is not installed")
-        path = library_path()
-        if not path.exists():
-            build(path)
-        lib = ctypes.CDLL(str(path))
-        lib.llmlab_step.restype = None
-        lib.llmlab_step.argtypes = [ctypes.POINTER(ModelDesc), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
-        lib.llmlab_qmatmul.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-        lib.llmlab_qmatmul_step.argtypes = lib.llmlab_qmatmul.argtypes
-        lib.llmlab_qmatmul_prompt.argtypes = lib.llmlab_qmatmul.argtypes
-        lib.llmlab_dequantize.argtypes = [ctypes.POINTER(QMat), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-        lib.llmlab_embed.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-        lib.omp_set_num_threads.argtypes = [ctypes.c_int]
-        _library = lib
-    except Exception as e:  # any failure means the PyTorch path, never a crash
-        print(f"llmlab: native decode kernel unavailable ({type(e).__name__}: {e}); using the PyTorch path",
-              file=sys.stderr)
-    return _library
-
-
-def threads() -> int:
-    """Threads for the next native call: PyTorch's count, or 1 while the machine is oversubscribed.
-
-    A decode step has ~180 parallel sections and barriers; with more runnable processes than cores, each section waits for
-    a descheduled thread (measured here at load 20 on 2 cores: 0.5 s per step with 2 threads, 0.05 s with 1).
-    $LLMLAB_NATIVE_THREADS fixes the count.
-    """
-    fixed = os.environ.get("LLMLAB_NATIVE_THREADS")
-    if fixed:
-        return max(1, int(fixed))
-    n = torch.get_num_threads()
-    return 1 if n > 1 and os.getloadavg()[0] > CPUS + 1 else n
-
-
-CPUS = os.cpu_count() or 1  # (asking each step cost 70 us, 1% of a step)
-
-
-def release_thread_pool() -> None:
-    """Free the calling thread's OpenMP worker threads (OpenMP 5's omp_pause_resource_all, soft pause).
-
-    libgomp keeps one pool per thread that ever ran a parallel region; with more pooled threads than cores it stops
-    spinning at barriers and sleeps instead, and a native step has ~180 of them. A server loads the model in its
-    main thread and decodes in the batcher's: measured on 2 cores, 19.6 ms per step from the batcher thread while
-    the main thread's pool lived, 6.0 ms once it was freed (6.0 ms from the main thread itself)."""
-    lib = load_library()
-    pause = getattr(lib, "omp_pause_resource_all", None) if lib is not None else None  # (libgomp of GCC 9 and later)
-    if pause is not None:
-        pause(ctypes.c_int(1))
-
-
-def simd() -> str:
-    lib = load_library()
-    if lib is None:
-        return "none"
-    if lib.llmlab_simd() != 512:
-        return "scalar"
-    kinds = ["avx512"] + (["int8 decode"] if lib.llmlab_int8(-1) else []) + (["bf16 prompts"] if lib.llmlab_bf16(-1) else [])
-    return ", ".join(kinds)  # int8 / bf16 activations: decode.cpp, $LLMLAB_NATIVE_INT8 / $LLMLAB_NATIVE_BF16
-
-
-def half_kv_cache() -> bool:
-    """Whether the native step keeps an fp16 KV cache (where F16C converts it; $LLMLAB_NATIVE_KV16=0: fp32):
-    llmlab.load then makes the model's caches fp16 (Transformer.kv_dtype), as llama.cpp does by default: half the
-    bytes attention reads per step and half the memory per token."""
-    lib = load_library()
-    return lib is not None and bool(lib.llmlab_half_kv()) and os.environ.get("LLMLAB_NATIVE_KV16") != "0"
-
 
 TILE = 16  # output rows per tile of the kernel's layout (decode.cpp)
 
