@@ -233,6 +233,8 @@ def test_speculation_loses_when_measured_slower_than_plain():
     early = SpeculativeStats(drafted=10, accepted=0, spec_tokens=10, spec_seconds=9.0)
     assert not speculation_loses(early, plain_step_seconds=0.01, min_acceptance=0.15)  # too early to judge
     assert speculation_loses(SpeculativeStats(drafted=30, accepted=3), None, min_acceptance=0.15)
+    # none of 30 drafts kept: off, even where a slow plain step makes the drafting steps look cheap
+    assert speculation_loses(SpeculativeStats(drafted=30, accepted=0, spec_tokens=20, spec_seconds=1.0), 0.2, 0.15)
 
 
 def test_auto_off_times_plain_steps_first(tiny_engine):

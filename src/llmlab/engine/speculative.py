@@ -87,6 +87,8 @@ def speculation_loses(stats: SpeculativeStats, plain_step_seconds: float | None,
     off requests that were winning; experiments/prompt_lookup.py.)"""
     if stats.drafted < JUDGE_AFTER:
         return False
+    if not stats.accepted:  # nothing kept: whatever the clock says (a noisy plain step), drafting only costs
+        return True
     if plain_step_seconds is None or not stats.spec_tokens:
         return stats.acceptance_rate < min_acceptance
     return stats.spec_seconds / stats.spec_tokens > LOSS_MARGIN * plain_step_seconds
