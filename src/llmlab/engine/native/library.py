@@ -26,6 +26,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 _library = None
 _tried = False
+CPUS = os.cpu_count() or 1  # (asking each step cost 70 us, 1% of a step)
 
 
 class QMat(ctypes.Structure):
@@ -118,9 +119,6 @@ def threads() -> int:
         return max(1, int(fixed))
     n = torch.get_num_threads()
     return 1 if n > 1 and os.getloadavg()[0] > CPUS + 1 else n
-
-
-CPUS = os.cpu_count() or 1  # (asking each step cost 70 us, 1% of a step)
 
 
 def release_thread_pool() -> None:
