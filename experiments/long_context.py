@@ -10,8 +10,10 @@ Each run is METHOD:LENGTH; SmolLM2-135M-Instruct (the GGUF, fp32 eager) is loade
 - self-extend: grouped attention (llmlab.model.self_extend) with WINDOW neighbours at true distance and the smallest
   group of 2, 4, 8, 16 that reaches LENGTH (or --group); Jin et al. 2024 report Llama-2 passing needle retrieval at
   4x its 4k context with group 4-16, window 512-2048, no training.
-One sample per (run, depth): the needle is drawn by the depth's index in --depths and the filler by the length, so
-runs with the same --depths list are paired (the same needle and filler in every cell).
+One sample per (run, depth): the needle is drawn by the depth's index in --depths plus --first-needle and the filler
+by the length, so runs with the same --depths and --first-needle are paired (the same needle and filler in every
+cell). A heatmap cell that holds several needles (runs with other --first-needle) shows their mean fuzzy score and
+their number.
 Writes experiments/results/long_context/{niah.md,niah.json,heatmap.png} after every run: exact retrieval and a
 fuzzy score per cell, with the wall-clock and CPU seconds of each run. A 16k prompt costs minutes of one core
 (attention is quadratic); run it on a quiet machine.
@@ -77,6 +79,8 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--first-needle", type=int, default=0,
                    help="needle number of the first depth (llmlab.eval.niah.make_needle); the next depths count on")
+    p.add_argument("--number-needles", action="store_true",
+                   help="needles whose code is a number alone (make_needle(number=True)); their own heatmap panels")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--append", action="store_true", help="keep the rows already in OUT/niah.json (other runs)")
     args = p.parse_args(argv)
@@ -90,9 +94,11 @@ def main(argv=None):
         llm, trained, how = load_extended(method, n, args.group, args.window)
         kv = llm.info()["kv_cache_bytes_per_token"]
         t0, cpu0 = time.perf_counter(), time.process_time()
-        summary = run_niah(llm, lengths=[n], depths=depths, max_tokens=16, first_needle=args.first_needle)
+        summary = run_niah(llm, lengths=[n], depths=depths, max_tokens=16, first_needle=args.first_needle,
+                           number_needles=args.number_needles)
         for i, d in enumerate(depths):
-            rows.append({"method": method, "how": how, "length": n, "depth": d, "exact": summary["exact"][i][0],
+            rows.append({"method": method + (", number needle" if args.number_needles else ""), "how": how,
+                         "length": n, "depth": d, "exact": summary["exact"][i][0],
                          "fuzzy": round(summary["fuzzy"][i][0], 3), "output": summary["records"][i]["output"][:80],
                          "needle": summary["records"][i]["answer"],
                          "seconds": round(time.perf_counter() - t0),
@@ -127,19 +133,22 @@ def plot(path: Path, rows, lengths, depths):
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 2.8), squeeze=False)
     for ax, m in zip(axes[0], methods):
-        grid = [[next((r["fuzzy"] for r in rows if r["method"] == m and r["length"] == n and r["depth"] == d), float("nan"))
-                 for n in lengths] for d in depths]
+        cells = [[[r["fuzzy"] for r in rows if r["method"] == m and r["length"] == n and r["depth"] == d]
+                  for n in lengths] for d in depths]  # a cell may hold several needles: their mean, and how many
+        grid = [[sum(c) / len(c) if c else float("nan") for c in line] for line in cells]
         ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")  # not run: blank
         for i, line in enumerate(grid):
             for j, value in enumerate(line):
                 if value == value:
-                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
+                    many = f" ({len(cells[i][j])})" if len(cells[i][j]) > 1 else ""
+                    ax.text(j, i, f"{value:.2f}{many}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-        ax.set_title(" / ".join(dict.fromkeys(r["how"] for r in rows if r["method"] == m)), fontsize=9)
+        hows = " / ".join(dict.fromkeys(r["how"] for r in rows if r["method"] == m))
+        ax.set_title(hows + (", number needles" if m.endswith("number needle") else ""), fontsize=9)
         ax.set_xlabel("haystack tokens")
     axes[0][0].set_ylabel("needle depth")
-    fig.suptitle("SmolLM2-135M-Instruct NIAH, fuzzy retrieval score (trained context 8k)", fontsize=9)
+    fig.suptitle("SmolLM2-135M-Instruct NIAH, fuzzy retrieval score (trained context 8k; (n): n needles)", fontsize=9)
     save_figure(fig, path)
 
 

@@ -30,6 +30,13 @@ def test_haystack_places_the_needle():
     assert abs(count(mid) - 200) < 20
 
 
+def test_number_needle_keeps_the_city_and_digits():
+    needle, question, answer = make_needle(1)
+    number_needle, number_question, number = make_needle(1, number=True)
+    assert number.isdigit() and answer.endswith("-" + number) and number_question == question
+    assert number_needle == needle.replace(answer, number)
+
+
 def test_niah_small_grid(backend, tmp_path):
     s = run_niah(backend, lengths=[96, 256], depths=[0.0, 1.0], out_dir=tmp_path, max_tokens=20)
     assert len(s["exact"]) == 2 and len(s["exact"][0]) == 2

@@ -25,10 +25,12 @@ CITIES = ["Lisbon", "Oslo", "Quito", "Hanoi", "Nairobi", "Lima", "Perth", "Tunis
 WORDS = ["amber", "falcon", "granite", "harbor", "lantern", "meadow", "orchid", "pepper", "quartz", "willow"]
 
 
-def make_needle(seed: int) -> tuple[str, str, str]:
-    """(needle sentence, question, expected answer)."""
+def make_needle(seed: int, number: bool = False) -> tuple[str, str, str]:
+    """(needle sentence, question, expected answer). number=True: the code is the number alone (same seed, same
+    city and digits), which a small model retrieves more often than a word-number code."""
     rng = random.Random(seed)
-    value = f"{rng.choice(WORDS)}-{rng.randint(100, 999)}"
+    word, digits = rng.choice(WORDS), rng.randint(100, 999)
+    value = str(digits) if number else f"{word}-{digits}"
     city = rng.choice(CITIES)
     return (f"The secret code for the trip to {city} is {value}.",
             f"What is the secret code for the trip to {city}?", value)
@@ -50,7 +52,7 @@ def haystack(tokenizer_count, n_tokens: int, needle: str, depth: float, seed: in
 
 
 def run_niah(backend, lengths=(256, 512, 1024), depths=(0.0, 0.25, 0.5, 0.75, 1.0), out_dir=None,
-             max_tokens: int = 24, seed: int = 0, first_needle: int = 0) -> dict:
+             max_tokens: int = 24, seed: int = 0, first_needle: int = 0, number_needles: bool = False) -> dict:
     """Score every (depth, length) cell; writes items.jsonl, summary.json and heatmap.png when out_dir is given.
     Cell (depth i, length j) gets needle number first_needle + 1000 seed + 100 j + i (make_needle)."""
     backend = as_client(backend)
@@ -62,7 +64,7 @@ def run_niah(backend, lengths=(256, 512, 1024), depths=(0.0, 0.25, 0.5, 0.75, 1.
     prompts, cells = [], []
     for j, n in enumerate(lengths):
         for i, d in enumerate(depths):
-            needle, question, answer = make_needle(first_needle + seed * 1000 + j * 100 + i)
+            needle, question, answer = make_needle(first_needle + seed * 1000 + j * 100 + i, number_needles)
             context = haystack(backend.count_tokens, n, needle, d, seed=seed + j)
             prompts.append(f"{context}\n\nBased only on the text above, answer the question. {question} "
                            f"Reply with the code only.")
