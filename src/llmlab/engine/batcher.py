@@ -241,7 +241,7 @@ class ContinuousBatcher:
             shares = self._cached_prefix(ids)[1] >= PREFIX_MIN_TOKENS or any(
                 common_prefix_len(ids, prompts[j]) >= PREFIX_MIN_TOKENS for j in together)
             (alone if shares else together).append(i)
-        native = getattr(self.engine.native_step, "prefill", None) is not None  # (its prefill reads weights once anyway)
+        native = self.engine.native_prefill is not None  # (its prefill reads the weights once per chunk anyway)
         if len(together) < 2 or self.model.config.n_experts or native:  # (expert capacity would couple batched prompts)
             alone, together = sorted(alone + together), []
         out = [None] * len(prompts)

@@ -32,6 +32,7 @@ class Engine:
         self.compiled_step = compile_decode_step(model) if compile else None
         # a whole decode step outside PyTorch (llmlab.engine.native.NativeDecoder), same arguments and cache
         self.native_step = native_step
+        self.native_prefill = getattr(native_step, "prefill", None)  # its chunked prompt path, where it has one
 
     # ---- the only two places the model runs while generating ---------------------------------------------
 
@@ -45,8 +46,8 @@ class Engine:
         PyTorch forward."""
         if cache is None:
             cache = self.model.new_cache(1, max_len or start + len(ids))
-        if getattr(self.native_step, "prefill", None) is not None:
-            return self.native_step.prefill(ids, start, cache), cache
+        if self.native_prefill is not None:
+            return self.native_prefill(ids, start, cache), cache
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
         logits = self.model(idx, input_pos=torch.arange(start, start + len(ids), device=self.device)[None],
                             kv_cache=cache, last_only=True)

@@ -73,6 +73,13 @@ class Mailbox:
             pass
         self.deliver()
 
+    def close(self):
+        """Stop watching the pipe and close it (once nothing can put any more: the batcher has stopped)."""
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self.read_fd)
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
     def deliver(self):
         """In the event loop: hand every pending event to its queue."""
         with self.lock:
@@ -115,6 +122,9 @@ class ServerState:
 
     def close(self):
         self.batcher.stop()
+        if self.mailbox is not None:
+            self.mailbox.close()
+            self.mailbox = None
         if self.store is not None:
             self.store.close()
 

@@ -264,7 +264,8 @@ def frequent_tokens(examples: list[tuple[list[int], list[bool]]], n: int, always
         for token in ids:
             counts[token] = counts.get(token, 0) + 1
     picked = [t for t in dict.fromkeys(always) if t is not None]
-    picked += [t for t in sorted(counts, key=lambda t: (-counts[t], t)) if t not in set(picked)]
+    taken = set(picked)
+    picked += [t for t in sorted(counts, key=lambda t: (-counts[t], t)) if t not in taken]
     return picked[:n]
 
 

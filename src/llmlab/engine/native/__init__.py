@@ -197,7 +197,8 @@ class NativeDecoder:
             raise LLMLabError(f"got {B} tokens but {pos.shape[0]} positions")
         if cache_rows is not None:
             cache_rows = cache_rows.reshape(-1).to(torch.long).contiguous()
-            if cache_rows.shape[0] != B or not 0 <= min(cache_rows.tolist()) <= max(cache_rows.tolist()) < first.shape[0]:
+            rows = cache_rows.tolist()
+            if len(rows) != B or not 0 <= min(rows) <= max(rows) < first.shape[0]:
                 raise LLMLabError(f"cache_rows must give each of the {B} rows a cache row in [0, {first.shape[0]})")
         elif first.shape[0] < B:
             raise LLMLabError(f"{B} rows need a KV cache of at least {B} rows, it has {first.shape[0]}")

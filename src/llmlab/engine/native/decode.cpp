@@ -58,6 +58,12 @@ inline float half_to_float(uint16_t h) {
 #endif
 }
 
+// A kernel switch's start: on unless the environment variable says 0.
+inline int on_unless_zero(const char* name) {
+  const char* v = std::getenv(name);
+  return v && v[0] == '0' ? 0 : 1;
+}
+
 // The KV cache holds fp32 or fp16 (an fp16 cache halves what attention reads per step, as llama.cpp's default does;
 // F16C converts): a cached value as fp32, and a key or value row stored.
 inline float cached(float v) { return v; }
@@ -221,10 +227,7 @@ void tile_fp32(const QMat& W, int64_t t, const float* x, int64_t ldx, const floa
 #if defined(LLMLAB_AVX512) && defined(__AVX512VNNI__)
 #define LLMLAB_VNNI 1
 // $LLMLAB_NATIVE_INT8=0 starts with the fp32 kernels (e.g. to compare both paths); llmlab_int8() switches later
-int int8_activations = [] {
-  const char* v = std::getenv("LLMLAB_NATIVE_INT8");
-  return v && v[0] == '0' ? 0 : 1;
-}();
+int int8_activations = on_unless_zero("LLMLAB_NATIVE_INT8");
 
 struct QuantX {
   int64_t groups = 0;
@@ -311,10 +314,7 @@ void tile_int8(const QMat& W, int64_t t, const QuantX& X, int64_t r0, float* y, 
 #if defined(LLMLAB_AVX512) && defined(__AVX512BF16__)
 #define LLMLAB_BF16 1
 // $LLMLAB_NATIVE_BF16=0 starts with fp32 prompts (e.g. to compare both paths); llmlab_bf16() switches later
-int bf16_activations = [] {
-  const char* v = std::getenv("LLMLAB_NATIVE_BF16");
-  return v && v[0] == '0' ? 0 : 1;
-}();
+int bf16_activations = on_unless_zero("LLMLAB_NATIVE_BF16");
 
 struct Bf16X {
   int64_t groups = 0;
