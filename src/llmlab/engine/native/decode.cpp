@@ -229,15 +229,19 @@ void tile_fp32(const QMat& W, int64_t t, const float* x, int64_t ldx, const floa
 // $LLMLAB_NATIVE_INT8=0 starts with the fp32 kernels (e.g. to compare both paths); llmlab_int8() switches later
 int int8_activations = on_unless_zero("LLMLAB_NATIVE_INT8");
 
+// x rounded to int8 per group of 32, stored group-major: group g of row r is the 32 bytes at q + (g * B + r) * 8
+// (int32 words), so a block of rows reads one group from one pointer at fixed offsets (row-major, each row took
+// a register of its own and gcc ran out of them at 8 rows)
 struct QuantX {
-  int64_t groups = 0;
-  std::vector<int8_t> q;          // (B, in), x's order
-  std::vector<float> scale, sum;  // (B, groups): s per group, and s times the group's sum of xq
+  int64_t groups = 0, rows = 0;
+  std::vector<int32_t> q;         // (groups, B, 8) words of four int8
+  std::vector<float> scale, sum;  // (groups, B): s per group, and s times the group's sum of xq
 };
 
 void quantize_rows(const float* x, int64_t ldx, int64_t B, int64_t in, QuantX& X) {
   X.groups = in / GROUP;
-  X.q.resize(B * in);
+  X.rows = B;
+  X.q.resize(B * in / 4);
   X.scale.resize(B * X.groups);
   X.sum.resize(B * X.groups);
   for (int64_t r = 0; r < B; ++r)
@@ -246,24 +250,18 @@ void quantize_rows(const float* x, int64_t ldx, int64_t B, int64_t in, QuantX& X
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
       const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
       const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
-      X.scale[r * X.groups + g] = amax / 127.f;
-      X.sum[r * X.groups + g] = amax / 127.f * float(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
-      int8_t* out = X.q.data() + r * in + g * GROUP;
+      X.scale[g * B + r] = amax / 127.f;
+      X.sum[g * B + r] = amax / 127.f * float(_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)));
+      int32_t* out = X.q.data() + (g * B + r) * 8;
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtsepi32_epi8(qa));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm512_cvtsepi32_epi8(qb));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 4), _mm512_cvtsepi32_epi8(qb));
     }
-}
-
-inline __m512i four_bytes(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
 }
 
 template <int BITS, int NB>
 void tile_int8(const QMat& W, int64_t t, const QuantX& X, int64_t r0, float* y, int64_t ldy) {
   constexpr int S = BITS == 4 ? 4 : 8;
-  const int64_t groups = X.groups, in = groups * GROUP;
+  const int64_t groups = X.groups, B = X.rows;
   const uint8_t* q = W.q + t * groups * S * 64;
   const uint16_t* d = W.d + t * groups * TILE;
   const uint16_t* m = W.m + t * groups * TILE;
@@ -273,26 +271,25 @@ void tile_int8(const QMat& W, int64_t t, const QuantX& X, int64_t r0, float* y, 
   for (int64_t g = 0; g < groups; ++g) {
     // the weights stream from memory once per step: asking ~2 KB early keeps the loads ahead of the dot products
     for (int i = 0; i < S; ++i) _mm_prefetch(reinterpret_cast<const char*>(q + (g * S + i) * 64 + 2048), _MM_HINT_T0);
+    const int32_t* xw = X.q.data() + (g * B + r0) * 8;  // word j of row r0 + r: xw[r * 8 + j]
     __m512i dot[NB];
     for (int r = 0; r < NB; ++r) dot[r] = _mm512_setzero_si512();
     for (int i = 0; i < S; ++i) {
       const __m512i v = _mm512_loadu_si512(q + (g * S + i) * 64);
-      if (BITS == 4) {
+      if (BITS == 4) {  // step i's low nibbles are inputs 4i..4i+3 (word i), its high ones 16 + 4i.. (word 4 + i)
         const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
         for (int r = 0; r < NB; ++r) {
-          const int8_t* xr = X.q.data() + (r0 + r) * in + g * GROUP + 4 * i;
-          dot[r] = _mm512_dpbusd_epi32(dot[r], lo, four_bytes(xr));
-          dot[r] = _mm512_dpbusd_epi32(dot[r], hi, four_bytes(xr + 16));
+          dot[r] = _mm512_dpbusd_epi32(dot[r], lo, _mm512_set1_epi32(xw[r * 8 + i]));
+          dot[r] = _mm512_dpbusd_epi32(dot[r], hi, _mm512_set1_epi32(xw[r * 8 + 4 + i]));
         }
       } else {
-        for (int r = 0; r < NB; ++r)
-          dot[r] = _mm512_dpbusd_epi32(dot[r], v, four_bytes(X.q.data() + (r0 + r) * in + g * GROUP + 4 * i));
+        for (int r = 0; r < NB; ++r) dot[r] = _mm512_dpbusd_epi32(dot[r], v, _mm512_set1_epi32(xw[r * 8 + i]));
       }
     }
     const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + g * TILE)));
     const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + g * TILE)));
     for (int r = 0; r < NB; ++r) {
-      const float s = X.scale[(r0 + r) * groups + g], sum = X.sum[(r0 + r) * groups + g];
+      const float s = X.scale[g * B + r0 + r], sum = X.sum[g * B + r0 + r];
       const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(s));
       acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sum), _mm512_fmadd_ps(scaled, dv, acc[r]));
     }
@@ -595,14 +592,19 @@ void attend_group_avx512(const float* q, int64_t G, const T* Kh, int64_t kstep, 
       sum = _mm512_add_ps(sum, e);
     }
     top[h] = mx, total[h] = _mm512_reduce_add_ps(sum);
-    __m512 acc[2][C];
-    for (int i = 0; i < C; ++i) acc[0][i] = acc[1][i] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; ++j) {  // two chains per 16 values: half the FMA latency
-      const __m512 pj = _mm512_set1_ps(scores[j]);
-      const T* v = Vh + (s0 + j) * vstep;
-      for (int i = 0; i < C; ++i) acc[j & 1][i] = _mm512_fmadd_ps(pj, load16(v + 16 * i), acc[j & 1][i]);
+    __m512 even[C], odd[C];  // two chains per 16 values, unrolled by hand (acc[j & 1] kept them in memory)
+    for (int i = 0; i < C; ++i) even[i] = odd[i] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 1 < n; j += 2) {
+      const __m512 p0 = _mm512_set1_ps(scores[j]), p1 = _mm512_set1_ps(scores[j + 1]);
+      for (int i = 0; i < C; ++i) {
+        even[i] = _mm512_fmadd_ps(p0, load16(Vh + (s0 + j) * vstep + 16 * i), even[i]);
+        odd[i] = _mm512_fmadd_ps(p1, load16(Vh + (s0 + j + 1) * vstep + 16 * i), odd[i]);
+      }
     }
-    for (int i = 0; i < C; ++i) _mm512_storeu_ps(y + h * 16 * C + 16 * i, _mm512_add_ps(acc[0][i], acc[1][i]));
+    if (j < n)
+      for (int i = 0; i < C; ++i) even[i] = _mm512_fmadd_ps(_mm512_set1_ps(scores[j]), load16(Vh + (s0 + j) * vstep + 16 * i), even[i]);
+    for (int i = 0; i < C; ++i) _mm512_storeu_ps(y + h * 16 * C + 16 * i, _mm512_add_ps(even[i], odd[i]));
   }
 }
 #endif
