@@ -177,6 +177,9 @@ def test_load_chooses_the_native_kernel_for_a_4_bit_gguf_and_says_so(packed, smo
     assert not any(p.numel() > 10_000 for p in llm.model.parameters())  # no dense matrix at all: only norms
     assert llm.info()["parameters"] == smollm2.info()["parameters"]
     assert llm.info()["weights_bytes"] < smollm2.info()["weights_bytes"] / 4
+    # Q4_1 blocks and the Q8_0 embedding (the tied head), norms dense
+    assert llm.info()["weights_storage"] == "4-bit and 8-bit packed, the rest torch.float32"
+    assert smollm2.info()["weights_storage"] == "torch.float32"
 
 
 def test_smollm2_native_logits_and_greedy_text_match_the_fp32_model(packed, smollm2):

@@ -99,6 +99,9 @@ class LLM:
         cfg = self.model.config
         n, weights_bytes = weight_counts(self.model)
         dtype = self.model.model.norm.weight.dtype
+        bits = sorted({m.packed.bits for m in self.model.modules() if hasattr(m, "packed")})
+        # what the weights are held as: packed projections (the native kernel's) and dense tensors (norms, ...)
+        storage = f"{' and '.join(f'{b}-bit' for b in bits)} packed, the rest {dtype}" if bits else str(dtype)
         bytes_per = torch.finfo(self.model.kv_dtype or dtype).bits // 8  # (the native step's cache: fp16)
         kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * bytes_per
         return {
@@ -108,7 +111,7 @@ class LLM:
             "vocab_size": cfg.vocab_size, "context_length": cfg.max_seq_len,
             "positions": cfg.pos_embedding if cfg.pos_embedding == "learned" else f"rope (theta {cfg.rope_theta:g})",
             "mlp": cfg.mlp, "norm": cfg.norm, "tied_embeddings": cfg.tie_embeddings, "dtype": str(dtype),
-            "weights_bytes": weights_bytes,
+            "weights_bytes": weights_bytes, "weights_storage": storage,
             "kv_cache_bytes_per_token": kv_per_token,
             "chat_template": bool(self.tokenizer.chat_template),
         }

@@ -208,7 +208,7 @@ def cmd_info(args) -> int:
     print(f"blocks         {info['mlp']} MLP, {info['norm']}, positions {info['positions']}, "
           f"tied embeddings: {'yes' if info['tied_embeddings'] else 'no'}")
     print(f"parameters     {info['parameters']:,} ({info['parameters'] / 1e6:.1f}M)")
-    print(f"memory         {info['weights_bytes'] / gib:.3f} GiB weights in {info['dtype']}, KV cache "
+    print(f"memory         {info['weights_bytes'] / gib:.3f} GiB weights ({info['weights_storage']}), KV cache "
           f"{info['kv_cache_bytes_per_token'] / 1024:.1f} KiB/token "
           f"({info['kv_cache_bytes_per_token'] * info['context_length'] / gib:.3f} GiB at full context)")
     print(f"context        {info['context_length']:,} tokens, vocabulary {info['vocab_size']:,}")
