@@ -13,6 +13,7 @@ from llmlab.engine.native import (NativeDecoder, NativeLinear, Packed, free_dens
                                   load_library)
 from llmlab.model import ModelConfig, Transformer
 from llmlab.model.quant import pack_groups, unpack_groups
+from llmlab.model.rope import extend_context, rope_attention_factor
 from helpers import ByteTokenizer
 
 pytestmark = pytest.mark.skipif(load_library() is None, reason="the native kernel did not build here (no g++?)")
@@ -116,6 +117,27 @@ def test_native_attention_over_several_parts_of_a_long_cache_matches_pytorch(dim
         tokens, pos = want.argmax(-1, keepdim=True), pos + 1
 
 
+@pytest.mark.parametrize("kind", ["yarn", "ntk", "linear"])
+def test_native_steps_with_rope_scaling_match_pytorch_past_the_trained_context(kind):
+    """A RoPE scaling chosen at load time runs on the native step: its frequencies, and YaRN's attention factor
+    on cos and sin (which scales every attention logit by its square)."""
+    model = tiny_model(max_seq_len=64)
+    extend_context(model, kind, 4.0)
+    assert (rope_attention_factor(model.config) > 1.1) == (kind == "yarn")
+    native = NativeDecoder(model)
+    prompt = torch.randint(0, 96, (150,), generator=torch.Generator().manual_seed(1)).tolist()  # 2.3x trained
+    caches = [model.new_cache(1, 160) for _ in range(2)]
+    want = model(torch.tensor([prompt]), torch.arange(150)[None], caches[0])[:, -1]
+    got = native.prefill(prompt, 0, caches[1])
+    tokens, pos = want.argmax(-1, keepdim=True), torch.tensor([[150]])
+    for _ in range(4):
+        # fp32 sums in another order: ~1e-6 relative (YaRN without its attention factor: ~7e-4)
+        assert (got - want).abs().max() < 1e-4 * want.abs().max()
+        want = model(tokens, input_pos=pos, kv_cache=caches[0])[:, -1]
+        got = native(tokens, pos, caches[1])
+        tokens, pos = want.argmax(-1, keepdim=True), pos + 1
+
+
 def test_native_step_reads_the_batchers_cache_views():
     model = tiny_model()
     native = NativeDecoder(model)
@@ -180,6 +202,16 @@ def test_load_chooses_the_native_kernel_for_a_4_bit_gguf_and_says_so(packed, smo
     # Q4_1 blocks and the Q8_0 embedding (the tied head), norms dense
     assert llm.info()["weights_storage"] == "4-bit and 8-bit packed, the rest torch.float32"
     assert smollm2.info()["weights_storage"] == "torch.float32"
+
+
+def test_load_with_rope_scaling_keeps_the_native_kernel(smollm2_gguf, capsys):
+    import llmlab
+
+    llm = llmlab.load(str(smollm2_gguf), rope_scaling="yarn:2")
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("llmlab: native decode kernel") and line.endswith("16,384 tokens by yarn RoPE scaling x2")
+    assert llm.engine.native_step is not None and llm.model.config.max_seq_len == 16384
+    assert llm.generate("What is the capital of France?", max_new_tokens=8, temperature=0).strip()
 
 
 def test_smollm2_native_logits_and_greedy_text_match_the_fp32_model(packed, smollm2):

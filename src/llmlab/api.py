@@ -144,8 +144,9 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, dtype=None, compile: bool = F
     decode step; either replaces the default. One line on stderr says what was chosen (announce=False: none).
 
     A longer context than the checkpoint's (llmlab.model.rope, llmlab.model.self_extend): rope_scaling="yarn:4"
-    (linear, ntk or yarn, by a factor) rescales RoPE; self_extend="4,1024" (GROUP,WINDOW) swaps in Self-Extend
-    attention. Either runs on the dense model: the native kernel knows neither.
+    (linear, ntk or yarn, by a factor) rescales RoPE, on the native kernel too (its frequencies and YaRN's
+    attention factor); self_extend="4,1024" (GROUP,WINDOW) swaps in Self-Extend attention, which runs on the dense
+    model (the native kernel does not know it).
     """
     if exact and (int4 or compile):
         raise LLMLabError("exact means fp32 eager decoding: it cannot be combined with int4 or compile")
@@ -154,16 +155,17 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, dtype=None, compile: bool = F
                           "int4 or compile")
     context = parse_context_options(rope_scaling, self_extend)  # bad specs fail before the model loads
     fast = None
-    if not (exact or int4 or compile or context) and parse_dtype(dtype) == torch.float32:
+    if not (exact or int4 or compile or self_extend) and parse_dtype(dtype) == torch.float32:
         fast = load_packed(name_or_path)
     if fast is not None:
         (model, tokenizer, path), choice = fast
         from llmlab.engine.native import NativeDecoder, half_kv_cache, simd
+        extended = extend(model, *context) if context else ""  # RoPE scaling: before the kernel reads the frequencies
         native_step = NativeDecoder(model)
         if half_kv_cache():
             model.kv_dtype = torch.float16
         choice = (f"native decode kernel ({simd()}, {torch.get_num_threads()} threads{', fp16 KV cache' if model.kv_dtype else ''}) "
-                  f"on {choice}; prompts prefill through it too; --exact for fp32 eager")
+                  f"on {choice}; prompts prefill through it too; --exact for fp32 eager") + extended
     else:
         model, tokenizer, path = load_checkpoint_dense(name_or_path, dtype)
         native_step = None

@@ -18,6 +18,7 @@ from llmlab.engine.native.library import (  # noqa: F401 (re-exported: callers i
     ModelDesc, QMat, half_kv_cache, load_library, release_thread_pool, simd, threads)
 from llmlab.errors import LLMLabError
 from llmlab.model.quant import pack_groups
+from llmlab.model.rope import rope_attention_factor
 
 ATTN_NAMES, MLP_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
 MAX_NATIVE_ROWS = 8  # a NativeLinear call of more rows dequantizes and uses PyTorch's matmul
@@ -114,7 +115,7 @@ def unsupported_config(cfg) -> str | None:
     checks = [
         (cfg.pos_embedding == "rope", "learned positions"), (cfg.norm == "rmsnorm", "LayerNorm"),
         (cfg.mlp == "swiglu", "a GELU MLP"), (not cfg.n_experts, "mixture-of-experts layers"),
-        (rope in ("default", "linear", "llama3"), f"RoPE scaling {rope!r}"),
+        (rope in ("default", "linear", "llama3", "yarn"), f"RoPE scaling {rope!r}"),
         (cfg.dim % 32 == 0 and cfg.hidden_dim % 32 == 0 and cfg.head_dim % 2 == 0, "widths not multiples of 32"),
         (cfg.n_heads % cfg.n_kv_heads == 0, "query heads not a multiple of kv heads"),
     ]
@@ -172,7 +173,7 @@ class NativeDecoder:
             ctypes.pointer(embed.packed.qmat) if embed_dense is None else None,
             pointers([b.input_layernorm.weight for b in layers]),
             pointers([b.post_attention_layernorm.weight for b in layers]),
-            norm_final.data_ptr(), inv_freq.data_ptr(),
+            norm_final.data_ptr(), inv_freq.data_ptr(), rope_attention_factor(cfg),
             *[packed(name, [getattr(a, name) for a in attn]) for name in ATTN_NAMES],
             *[packed(name, [getattr(m, name) for m in mlp]) for name in MLP_NAMES],
             ctypes.pointer(self.head.qmat))

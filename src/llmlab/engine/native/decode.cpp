@@ -100,7 +100,8 @@ struct ModelDesc {
   const float* const* norm_in;  // per layer (dim,)
   const float* const* norm_post;
   const float* norm_final;
-  const float* inv_freq;  // (head_dim / 2,)
+  const float* inv_freq;  // (head_dim / 2,), a RoPE scaling's (linear, NTK, YaRN, Llama 3) included
+  float rope_scale;       // YaRN's attention factor on cos and sin (1 for other kinds)
   const QMat* wq;  // each an array of n_layers matrices
   const QMat* wk;
   const QMat* wv;
@@ -824,8 +825,8 @@ void llmlab_step(const ModelDesc* Mp, const int64_t* tokens, const int64_t* pos,
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < half; ++i) {
       const float angle = float(pos[b]) * M.inv_freq[i];  // fp32, as the PyTorch path (input_pos.float() * inv_freq)
-      cosv[b * half + i] = std::cos(angle);
-      sinv[b * half + i] = std::sin(angle);
+      cosv[b * half + i] = std::cos(angle) * M.rope_scale;
+      sinv[b * half + i] = std::sin(angle) * M.rope_scale;
     }
   embed_rows(M, tokens, B, x.data());
 

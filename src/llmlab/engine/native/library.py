@@ -39,7 +39,7 @@ class ModelDesc(ctypes.Structure):
                 ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "hidden", "vocab")] + [
         ("eps", ctypes.c_double), ("embed", ctypes.c_void_p), ("embed_q", ctypes.POINTER(QMat)),
         ("norm_in", ctypes.c_void_p), ("norm_post", ctypes.c_void_p), ("norm_final", ctypes.c_void_p),
-        ("inv_freq", ctypes.c_void_p)] + [
+        ("inv_freq", ctypes.c_void_p), ("rope_scale", ctypes.c_float)] + [
         (name, ctypes.POINTER(QMat)) for name in ("wq", "wk", "wv", "wo", "wgate", "wup", "wdown", "head")]
 
 
