@@ -9,8 +9,7 @@ from typing import Callable
 import torch
 
 from llmlab.engine.detokenize import IncrementalText
-from llmlab.engine.sampling import (SamplingParams, draw, masked_and_penalised, row_generator, sample_next,
-                                   sampling_probs)
+from llmlab.engine.sampling import SamplingParams, row_generator, sample_next
 from llmlab.engine.scoring import logprobs_and_top
 
 MAX_REJECTIONS = 8  # tokens a constraint may refuse for the budget before its closing is forced
@@ -155,10 +154,7 @@ def choose_all(seqs: list[Sequence], logits: list[torch.Tensor]) -> list[int]:
         params = seqs[rows[0]].params
         batch = torch.cat([logits[i] for i in rows])
         seen = None if seqs[rows[0]].seen is None else torch.cat([seqs[i].seen for i in rows])
-        if params.temperature == 0:
-            chosen = masked_and_penalised(batch, params, seen).argmax(dim=-1)
-        else:
-            chosen = draw(sampling_probs(batch, params, seen), [seqs[i].generator for i in rows])
+        chosen = sample_next(batch, params, [seqs[i].generator for i in rows], seen)
         for i, token in zip(rows, chosen.tolist()):
             tokens[i] = token
     return tokens

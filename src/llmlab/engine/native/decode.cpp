@@ -738,6 +738,103 @@ void silu_mul(float* g, const float* u, int64_t n) {
   for (; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+// ---- sampling: one token from a row of logits --------------------------------------------------------------------
+//
+// What llmlab.engine.sampling's sampling_probs + draw choose, given the row's uniform u: temperature, top-k (ties with
+// the k-th kept), top-p (the smallest set of most likely tokens that reaches p of the mass), min-p (at least min_p of
+// the top token's probability), then the first token, in vocabulary order, whose cumulative probability exceeds u
+// times the total. PyTorch made some ten passes over SmolLM2's 49,152 logits (two softmaxes, a top-256, masks, a
+// float64 cumsum: ~0.4-0.6 ms a token, a tenth of a decode step); this makes two, and sorts only the tokens within
+// a factor 1e4 of the top one (the nucleus lies among them whenever they hold p of the mass; else all are sorted).
+
+// The largest of v[0..n)
+float max_of(const float* v, int64_t n) {
+  float top = -INFINITY;
+  int64_t i = 0;
+#if defined(LLMLAB_AVX512)
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(v + i));
+  top = _mm512_reduce_max_ps(m);
+#endif
+  for (; i < n; ++i) top = std::max(top, v[i]);
+  return top;
+}
+
+// e[i] = exp((v[i] - top) / temperature), a token's weight relative to the top one's (whose is 1), 0 below floor (a
+// top-k or min-p cut) and below e^-80 (a probability under 1e-34: left as is, the denormals cost 100x in the sums);
+// block[b] = the sum of e over the 16 tokens from 16 b; returns the sum of all
+double weights(const float* v, int64_t n, float top, float temperature, float floor, float* e, float* block) {
+  double total = 0.0;
+  const float low = std::max(floor, top - 80.f * temperature);
+  int64_t i = 0;
+#if defined(LLMLAB_AVX512)
+  const __m512 t = _mm512_set1_ps(top), inv = _mm512_set1_ps(1.0f / temperature), f = _mm512_set1_ps(low);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(v + i);
+    const __m512 w = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, f, _CMP_GE_OQ), exp512(_mm512_mul_ps(_mm512_sub_ps(x, t), inv)));
+    _mm512_storeu_ps(e + i, w);
+    block[i / 16] = _mm512_reduce_add_ps(w);
+    total += block[i / 16];
+  }
+#endif
+  for (; i < n; i += 16) {  // (16 at a time, the last block short)
+    float sum = 0.f;
+    for (int64_t j = i; j < std::min(n, i + 16); ++j) sum += e[j] = v[j] >= low ? std::exp((v[j] - top) / temperature) : 0.f;
+    block[i / 16] = sum;
+    total += sum;
+  }
+  return total;
+}
+
+int64_t sample_row(const float* v, int64_t V, float temperature, int64_t top_k, float top_p, float min_p, double u) {
+  thread_local std::vector<float> e, block, kth;
+  e.resize(V), block.resize((V + 15) / 16);
+  const float top = max_of(v, V);
+  float floor = -INFINITY;  // top-k: the k-th largest logit (the temperature keeps the order)
+  if (top_k > 0 && top_k < V) {
+    kth.assign(v, v + V);
+    std::nth_element(kth.begin(), kth.begin() + (top_k - 1), kth.end(), std::greater<float>());
+    floor = kth[top_k - 1];
+  }
+  if (min_p > 0.f && top_p >= 1.f)  // min-p is a cut in the logits too (with top-p it comes after the nucleus)
+    floor = std::max(floor, top + temperature * std::log(min_p));
+  const double total = weights(v, V, top, temperature, floor, e.data(), block.data());
+  if (top_p >= 1.f) {  // the first token whose cumulative weight exceeds u * total: whole blocks, then within one
+    const double target = u * total;
+    double cdf = 0.0;
+    int64_t b = 0;
+    while (b + 1 < int64_t(block.size()) && cdf + block[b] <= target) cdf += block[b++];
+    for (int64_t i = 16 * b; i < std::min(V, 16 * b + 16); ++i)
+      if ((cdf += e[i]) > target) return i;
+    return std::min(V, 16 * b + 16) - 1;
+  }
+  // top-p: the tokens within 1e4 of the top one's weight, sorted, hold the nucleus when they hold p of the mass
+  std::vector<std::pair<float, int64_t>> kept;  // (weight, token)
+  for (float bound : {1e-4f, 1e-8f, 0.f}) {  // (more tokens when the near ones fall short of p: a flat row)
+    kept.clear();
+    double near = 0.0;
+    for (int64_t b = 0; b < int64_t(block.size()); ++b) {
+      if (block[b] < bound) continue;  // (a block's sum is at least each of its weights)
+      for (int64_t i = 16 * b; i < std::min(V, 16 * b + 16); ++i)
+        if (e[i] > 0.f && e[i] >= bound) kept.push_back({e[i], i}), near += e[i];
+    }
+    if (near >= top_p * total || bound == 0.f) break;
+  }
+  std::sort(kept.begin(), kept.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  double before = 0.0;  // the mass of the more likely tokens: a token stays while that is below p
+  size_t n = 0;
+  while (n < kept.size() && before < top_p * total) before += kept[n++].first;
+  kept.resize(n);
+  if (min_p > 0.f)  // against the top token's weight, 1
+    kept.erase(std::remove_if(kept.begin(), kept.end(), [&](const auto& k) { return k.first < min_p; }), kept.end());
+  std::sort(kept.begin(), kept.end(), [](const auto& a, const auto& b) { return a.second < b.second; });
+  double sum = 0.0, cdf = 0.0;
+  for (const auto& k : kept) sum += k.first;
+  for (const auto& k : kept)
+    if ((cdf += k.first) > u * sum) return k.second;
+  return kept.back().second;  // (u * sum rounded up to the sum)
+}
+
 }  // namespace
 
 extern "C" {
@@ -801,6 +898,13 @@ void llmlab_dequantize(const QMat* W, int64_t o0, int64_t o1, float* out) {
 // Rows of the weight (out[n] = w[tokens[n]]): a token embedding read from a packed (tied) output head.
 void llmlab_embed(const QMat* W, const int64_t* tokens, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) dequantize_row(*W, tokens[i], out + i * W->in);
+}
+
+// One token per row of logits (B, V) with temperature > 0, top_k (0: off), top_p (1: off), min_p (0: off) and the
+// row's uniform u[b] in [0, 1) -> out (B,): see sample_row.
+void llmlab_sample(const float* logits, int64_t B, int64_t V, float temperature, int64_t top_k, float top_p,
+                   float min_p, const double* u, int64_t* out) {
+  for (int64_t b = 0; b < B; ++b) out[b] = sample_row(logits + b * V, V, temperature, top_k, top_p, min_p, u[b]);
 }
 
 // One decode step: tokens (B,) at positions pos (B,); k_cache/v_cache: per layer a pointer to the fp32 (kv_half = 0)

@@ -100,10 +100,17 @@ def load_library():
         lib.llmlab_dequantize.argtypes = [ctypes.POINTER(QMat), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
         lib.llmlab_embed.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         lib.omp_set_num_threads.argtypes = [ctypes.c_int]
+        lib.llmlab_sample.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int64,
+                                      ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
         _library = lib
     except Exception as e:  # any failure means the PyTorch path, never a crash
         print(f"llmlab: native decode kernel unavailable ({type(e).__name__}: {e}); using the PyTorch path",
               file=sys.stderr)
+    return _library
+
+
+def loaded_library():
+    """The library if something has loaded it already (the native decode path), else None: never a first build."""
     return _library
 
 
