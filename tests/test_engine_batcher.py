@@ -8,7 +8,7 @@ import torch
 
 from llmlab.api import load
 from llmlab.engine import SamplingParams
-from llmlab.engine.batcher import ContinuousBatcher, Request
+from llmlab.engine.batcher import PREFIX_MIN_TOKENS, ContinuousBatcher, Request, common_prefix_len
 from llmlab.engine.constraint import TokenVocab, json_constraint_factory
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
@@ -115,6 +115,18 @@ def test_requests_sharing_a_prefix_in_one_round_prefill_it_once(llm):
     assert torch.allclose(out[1][0], llm.engine.prefill(prompts[1])[0], atol=1e-3)
 
 
+def test_a_chat_templates_own_system_prompt_is_prefilled_once(llm):
+    """Two short questions share only what SmolLM2's template puts before them (its default system prompt, 24 tokens,
+    two thirds of each prompt): the second request prefills only its own question."""
+    prompts = [llm.prompt_ids(q) for q in ("When do you open?", "Do you sell rye bread?")]
+    shared = common_prefix_len(*prompts)
+    assert shared >= PREFIX_MIN_TOKENS
+    batcher = ContinuousBatcher(llm.engine, max_batch=4, max_len=256)
+    out = batcher._prefill_all(prompts)
+    assert batcher.stats["prefix_hits"] == 1 and batcher.stats["prefix_tokens_reused"] == shared
+    assert torch.allclose(out[1][0], llm.engine.prefill(prompts[1])[0], atol=1e-3)  # (as in the test above)
+
+
 def test_rows_sampled_together_draw_what_each_draws_alone(llm):
     """The batcher samples rows with the same options in one pass; each row's seeded draw is what it would be alone,
     including a flat row whose nucleus needs more candidates than its neighbours'."""
@@ -132,8 +144,9 @@ def test_rows_sampled_together_draw_what_each_draws_alone(llm):
 
 
 def test_the_same_prompt_again_gives_the_same_seeded_samples(llm):
-    """A repeated prompt (>= 32 tokens, so its prefill is stored) reuses the stored logits, not only the cache: a
-    re-run of its last token could take another kernel path (the native kernel's int8 rows) and drift the draws."""
+    """A repeated prompt (of PREFIX_MIN_TOKENS or more, so its prefill is stored) reuses the stored logits, not only
+    the cache: a re-run of its last token could take another kernel path (the native kernel's int8 rows) and drift the
+    draws."""
     ids = llm.prompt_ids("Write a word.")
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_new_tokens=10)
     batcher = ContinuousBatcher(llm.engine, max_batch=4, max_len=256)
@@ -143,5 +156,5 @@ def test_the_same_prompt_again_gives_the_same_seeded_samples(llm):
         while not req.done:
             batcher.step()
         runs.append([s.token_ids for s in req.sequences])
-    assert len(ids) >= 32 and batcher.stats["prefix_hits"] == 1
+    assert len(ids) >= PREFIX_MIN_TOKENS and batcher.stats["prefix_hits"] == 1
     assert runs[0] == runs[1]

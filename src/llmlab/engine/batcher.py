@@ -32,7 +32,8 @@ __all__ = ["ContinuousBatcher", "Request", "Sequence", "TokenInfo"]
 log = logging.getLogger("llmlab.batcher")
 
 VIEW_ROUNDING = 64  # each step attends over the cache only up to the longest busy row, rounded up to this
-PREFIX_MIN_TOKENS = 32  # shorter shared prefixes are not worth a lookup
+PREFIX_MIN_TOKENS = 16  # shorter shared prefixes are not worth a lookup (a chat template's own system prompt is
+# longer: SmolLM2's 24 tokens are two thirds of a short question's prompt, and reusing them halves its prefill)
 PREFIX_CACHE_ENTRIES = 4  # prefilled prompts kept for prefix reuse (a few MB each for a small model)
 
 
