@@ -76,7 +76,10 @@ def measure_here(base: str, model: str, clients: int, requests: int, max_tokens:
     prompts = [WARM_UP_PROMPT] if warm_up else PROMPTS
 
     async def main():
-        async with aiohttp.ClientSession(base, timeout=aiohttp.ClientTimeout(total=600)) as http:
+        # a new connection per request, for every server: llama-server closes a connection after a streamed reply,
+        # and a reused one then fails to send the next request
+        async with aiohttp.ClientSession(base, timeout=aiohttp.ClientTimeout(total=600),
+                                         connector=aiohttp.TCPConnector(force_close=True)) as http:
             start = time.perf_counter()
             await asyncio.gather(*(one_client(http, model, c, requests, max_tokens, records, prompts)
                                    for c in range(clients)))
