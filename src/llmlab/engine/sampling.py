@@ -112,13 +112,14 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | list | None = None,
                 seen: torch.Tensor | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Next token ids (B,) from logits (B, V). seen (B, V) marks prompt + generated tokens for the penalty;
     allowed (B, V') marks the tokens a constraint permits (V' <= V: tokens past the tokenizer's are never allowed).
 
     The constraint's mask comes first, so every option below works under it; then, as in Hugging Face,
-    repetition penalty, temperature, top-k, top-p, min-p, and one draw.
+    repetition penalty, temperature, top-k, top-p, min-p, and one draw (generator: one stream, or a list of one per
+    row). Without a constraint or a penalty the native library samples, when it is loaded (native_sample).
     """
     if params.temperature == 0:
         return masked_and_penalised(logits, params, seen, allowed).argmax(dim=-1)
@@ -131,7 +132,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 
 def native_sample(logits: torch.Tensor, params: SamplingParams, generator=None) -> torch.Tensor | None:
     """sample_next without a constraint or a penalty, in C++ (llmlab.engine.native's llmlab_sample: the same
-    distribution and, from the same uniforms, the same tokens up to float rounding, ~20x faster on a 49k vocabulary);
+    distribution and, from the same uniforms, the same tokens up to float rounding; 5-10x faster on SmolLM2's 49k);
     None where the native library is not loaded already (this never builds it) or the logits are not on the CPU."""
     from llmlab.engine.native.library import loaded_library
 
