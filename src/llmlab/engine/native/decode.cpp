@@ -745,7 +745,7 @@ void silu_mul(float* g, const float* u, int64_t n) {
 // the top token's probability), then the first token, in vocabulary order, whose cumulative probability exceeds u
 // times the total. PyTorch made some ten passes over SmolLM2's 49,152 logits (two softmaxes, a top-256, masks, a
 // float64 cumsum: ~0.4-0.6 ms a token, a tenth of a decode step); this makes two, and sorts only the tokens within
-// a factor 1e4 of the top one (the nucleus lies among them whenever they hold p of the mass; else all are sorted).
+// a factor 1e4 of the top one (the nucleus lies among them whenever they hold p of the mass; else within 1e8, else all).
 
 // The largest of v[0..n)
 float max_of(const float* v, int64_t n) {
