@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmlab.engine.native.library import loaded_library
 from llmlab.errors import LLMLabError
 
 TOP_P_CANDIDATES = (256, 4096)  # tokens ranked before top-p falls back to a full sort (see top_p_filter)
@@ -134,8 +135,6 @@ def native_sample(logits: torch.Tensor, params: SamplingParams, generator=None) 
     """sample_next without a constraint or a penalty, in C++ (llmlab.engine.native's llmlab_sample: the same
     distribution and, from the same uniforms, the same tokens up to float rounding; 5-10x faster on SmolLM2's 49k);
     None where the native library is not loaded already (this never builds it) or the logits are not on the CPU."""
-    from llmlab.engine.native.library import loaded_library
-
     lib = loaded_library()
     if lib is None or logits.device.type != "cpu":
         return None
