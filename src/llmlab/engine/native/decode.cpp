@@ -9,10 +9,11 @@
 // weights, tiles of 16 output rows (see "the tiled weight layout") that each serve every row of the batch. Where the
 // CPU has AVX512-VNNI, decode rows are rounded to int8 per group and meet the weights in integer dot products (as
 // llama.cpp's Q8 x Q4 kernels do): at batch 1 the step is bound by streaming the weights, and these keep up with it.
-// Many rows of one sequence in one call are a prompt's chunk (prefill: bf16 activations where the CPU has
-// AVX512-BF16, else fp32) or a speculative verify. Attention reads the cache (fp16 as llama.cpp's, or fp32) in blocks
-// of 16 positions (one shuffle tree for their 16 scores, a vector exp), split into parts of 64 positions that the
-// threads share and whose softmaxes are combined after.
+// Many rows of one sequence in one call are a prompt's chunk (prefill: the last chunk with bf16 activations where the
+// CPU has AVX512-BF16, else fp32; the chunks before it with the decode rows' int8 ones) or a speculative verify.
+// Decode and verify rows attend row by row over the cache (fp16 as llama.cpp's, or fp32) in blocks of 16 positions
+// (one shuffle tree for their 16 scores, a vector exp), split into parts of 64 positions that the threads share and
+// whose softmaxes are combined after; a prompt's chunk attends as small matrix products (attend_prompt).
 //
 // Weights: w[o, i] = d[o, g] * q[o, i] + m[o, g] for the group g = i / 32 (GGUF's Q4_1 form, fp16 d and m).
 // 4 bits: two per byte, byte j of a group holding q[j] (low nibble) and q[j + 16] (high nibble), as in GGUF;
@@ -653,15 +654,195 @@ void attend_group(const float* q, int64_t G, const T* Kh, int64_t kstep, const T
   attend_group_plain<T>(q, G, Kh, kstep, Vh, vstep, s0, s1, hd, scale, top, total, y);
 }
 
+#if defined(LLMLAB_AVX512)
+// A prompt's chunk attends as small matrix products, flash-style: the queries of a run of rows (x the G heads of a
+// kv group) go through the cached positions part by part (PART at a time). Each part's keys are converted to fp32
+// and transposed once (keys along the lanes) and its values converted once, then every query of the run reads them
+// from L1: no horizontal sums and no fp16 conversion per query (the row kernel above does both for every query:
+// fine for a decode step's few, the cost of a long prompt), and each query's softmax runs on over the parts in
+// registers (no per-part buffers). Each score is one chain of FMAs over the head's dimensions in order, each output
+// one chain over a part's positions in order, whichever queries share a block: a row's result never depends on its
+// batch.
+constexpr int64_t TILED_RUN = 16;  // rows of a prompt's chunk per attention task (the row kernel: 8)
+
+// The 16 x 16 matrix in v (v[i] = row i) transposed in place: pairs, then quads of lanes, then 128-bit blocks.
+inline void transpose16(__m512* v) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit block L: t[2i] = rows 2i, 2i+1 at columns 4L, 4L+1; t[2i+1] at 4L+2, 4L+3
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // v[4i + c], block L: rows 4i..4i+3 at column 4L + c
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    v[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), v[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    v[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d)), v[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int c = 0; c < 4; ++c) {  // column 4L + c: block L of v[c], v[4 + c], v[8 + c], v[12 + c]
+    const __m512 a = _mm512_shuffle_f32x4(v[c], v[4 + c], 0x88), b = _mm512_shuffle_f32x4(v[c], v[4 + c], 0xdd);
+    const __m512 e = _mm512_shuffle_f32x4(v[8 + c], v[12 + c], 0x88), f = _mm512_shuffle_f32x4(v[8 + c], v[12 + c], 0xdd);
+    t[c] = _mm512_shuffle_f32x4(a, e, 0x88), t[8 + c] = _mm512_shuffle_f32x4(a, e, 0xdd);
+    t[4 + c] = _mm512_shuffle_f32x4(b, f, 0x88), t[12 + c] = _mm512_shuffle_f32x4(b, f, 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) v[i] = t[i];
+}
+
+// R queries qs (R, 16 C; scaled) against one part: kt (16 C, PART) transposed keys, vs (PART, 16 C) values; query r
+// sees the part's first limits[r] positions. Folds the part into each query's running maximum, total and
+// unnormalised output (top, total, y).
+template <int C, int R>
+void tiled_block(const float* qs, const float* kt, const float* vs, const int64_t* limits, float* top, float* total,
+                 float* y) {
+  constexpr int HD = 16 * C;
+  alignas(64) float p[R][PART];
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int kb = 0; kb < 4; ++kb) acc[r][kb] = _mm512_setzero_ps();
+  for (int d = 0; d < HD; ++d) {  // scores: keys along the lanes, one FMA per (query, 16 keys, dimension)
+    const __m512 k0 = _mm512_load_ps(kt + d * PART), k1 = _mm512_load_ps(kt + d * PART + 16);
+    const __m512 k2 = _mm512_load_ps(kt + d * PART + 32), k3 = _mm512_load_ps(kt + d * PART + 48);
+    for (int r = 0; r < R; ++r) {
+      const __m512 qd = _mm512_set1_ps(qs[r * HD + d]);
+      acc[r][0] = _mm512_fmadd_ps(qd, k0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(qd, k1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(qd, k2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(qd, k3, acc[r][3]);
+    }
+  }
+  int64_t most_keys = 0;
+  float old_share[R], new_share[R];  // what the running output and this part's are weighed by
+  for (int r = 0; r < R; ++r) {  // each query's softmax over its own keys [0, limits[r]) of the part
+    const int64_t n = limits[r];
+    most_keys = std::max(most_keys, n);
+    if (n == 0) {  // a spare query of a short block, or a row whose positions end before the part
+      std::fill(p[r], p[r] + PART, 0.f);
+      old_share[r] = 1.f, new_share[r] = 0.f;
+      continue;
+    }
+    __mmask16 live[4];
+    __m512 most = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+    for (int kb = 0; kb < 4; ++kb) {
+      const int64_t left = std::clamp<int64_t>(n - 16 * kb, 0, 16);
+      live[kb] = left == 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      most = _mm512_mask_max_ps(most, live[kb], most, acc[r][kb]);
+    }
+    const float mx = std::max(top[r], _mm512_reduce_max_ps(most));
+    for (int kb = 0; kb < 4; ++kb) {
+      const __m512 e = _mm512_maskz_mov_ps(live[kb], exp512(_mm512_sub_ps(acc[r][kb], _mm512_set1_ps(mx))));
+      _mm512_store_ps(p[r] + 16 * kb, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    old_share[r] = std::exp(top[r] - mx), new_share[r] = 1.f;  // (top = -inf before the first part: 0)
+    top[r] = mx, total[r] = total[r] * old_share[r] + _mm512_reduce_add_ps(sum);
+  }
+  __m512 out[R][C];  // values: one FMA per (query, position, 16 dimensions); past a query's keys p is 0
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < C; ++i) out[r][i] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < most_keys; ++j) {
+    __m512 v[C];
+    for (int i = 0; i < C; ++i) v[i] = _mm512_load_ps(vs + j * HD + 16 * i);
+    for (int r = 0; r < R; ++r) {
+      const __m512 pj = _mm512_set1_ps(p[r][j]);
+      for (int i = 0; i < C; ++i) out[r][i] = _mm512_fmadd_ps(pj, v[i], out[r][i]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < C; ++i) {
+      float* yr = y + r * HD + 16 * i;
+      _mm512_store_ps(yr, _mm512_fmadd_ps(_mm512_load_ps(yr), _mm512_set1_ps(old_share[r]),
+                                          _mm512_mul_ps(out[r][i], _mm512_set1_ps(new_share[r]))));
+    }
+}
+
+// Queries qs[0..nq) (pointers, unscaled) of one kv group, query i at position at[i], over the cached positions
+// [0, at[i]] of Kh/Vh -> outs[i] (normalised).
+template <int C, typename T>
+void attend_tiled(const float* const* qs, const int64_t* at, int64_t nq, const T* Kh, int64_t kstep, const T* Vh,
+                  int64_t vstep, float scale, float* const* outs) {
+  constexpr int HD = 16 * C, R = C >= 8 ? 3 : 6;  // R: 4 x R score accumulators (64 keys) and R x C output ones
+  const int64_t blocks = (nq + R - 1) / R, last = *std::max_element(at, at + nq);
+  std::vector<float> qbuf(blocks * R * HD + 16), y(blocks * R * HD + 16), top(blocks * R, -INFINITY), total(blocks * R);
+  float* qa = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(qbuf.data()) + 63) & ~uintptr_t(63));
+  float* ya = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(y.data()) + 63) & ~uintptr_t(63));
+  for (int64_t i = 0; i < blocks * R; ++i)  // scaled queries, a short last block padded with zero ones
+    for (int d = 0; d < HD; ++d) qa[i * HD + d] = i < nq ? qs[i][d] * scale : 0.f;
+  alignas(64) float kt[HD * PART], vs[PART * HD];
+  for (int64_t s0 = 0; s0 <= last; s0 += PART) {
+    const int64_t n = std::min(PART, last + 1 - s0);
+    for (int64_t j0 = 0; j0 < PART; j0 += 16)  // keys transposed 16 x 16 at a time (positions past n: zeros)
+      for (int i = 0; i < C; ++i) {
+        __m512 block[16];
+        for (int j = 0; j < 16; ++j)
+          block[j] = j0 + j < n ? load16(Kh + (s0 + j0 + j) * kstep + 16 * i) : _mm512_setzero_ps();
+        transpose16(block);
+        for (int d = 0; d < 16; ++d) _mm512_store_ps(kt + (16 * i + d) * PART + j0, block[d]);
+      }
+    for (int64_t j = 0; j < n; ++j)  // values as rows
+      for (int i = 0; i < C; ++i) _mm512_store_ps(vs + j * HD + 16 * i, load16(Vh + (s0 + j) * vstep + 16 * i));
+    for (int64_t b = 0; b < blocks; ++b) {
+      int64_t limits[R];
+      for (int r = 0; r < R; ++r) {
+        const int64_t i = b * R + r;
+        limits[r] = i < nq ? std::clamp<int64_t>(at[i] + 1 - s0, 0, n) : 0;
+      }
+      if (*std::max_element(limits, limits + R) > 0)
+        tiled_block<C, R>(qa + b * R * HD, kt, vs, limits, &top[b * R], &total[b * R], ya + b * R * HD);
+    }
+  }
+  for (int64_t i = 0; i < nq; ++i)
+    for (int d = 0; d < HD; ++d) outs[i][d] = ya[i * HD + d] / total[i];
+}
+#endif
+
+// A prompt's chunk: the rows of each run (consecutive rows of one cache row, up to TILED_RUN) x kv group is one task.
+template <typename T>
+void attend_prompt(const ModelDesc& M, const float* q, const T* K, const T* V, const int64_t* ks, const int64_t* vs,
+                   const int64_t* pos, const int64_t* cache_row, int64_t B, float* out) {
+#if defined(LLMLAB_AVX512)
+  const int64_t hd = M.head_dim, H = M.n_heads, KV = M.n_kv_heads, G = H / KV;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  std::vector<int64_t> run_start;
+  for (int64_t b = 0; b < B; ++b)
+    if (b == 0 || !cache_row || cache_row[b] != cache_row[b - 1] || b - run_start.back() >= TILED_RUN) run_start.push_back(b);
+  run_start.push_back(B);
+  const int64_t runs = run_start.size() - 1;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < runs * KV; ++t) {
+    const int64_t r = t / KV, g = t % KV, b0 = run_start[r], b1 = run_start[r + 1];
+    std::vector<const float*> qs;
+    std::vector<float*> outs;
+    std::vector<int64_t> at;
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t h = 0; h < G; ++h) {
+        qs.push_back(q + b * H * hd + (g * G + h) * hd), outs.push_back(out + b * H * hd + (g * G + h) * hd);
+        at.push_back(pos[b]);
+      }
+    const int64_t row = cache_row ? cache_row[b0] : b0;
+    const T *Kh = K + row * ks[0] + g * ks[1], *Vh = V + row * vs[0] + g * vs[1];
+    const int64_t nq = qs.size();
+    switch (hd) {
+      case 16: attend_tiled<1, T>(qs.data(), at.data(), nq, Kh, ks[2], Vh, vs[2], scale, outs.data()); break;
+      case 32: attend_tiled<2, T>(qs.data(), at.data(), nq, Kh, ks[2], Vh, vs[2], scale, outs.data()); break;
+      case 64: attend_tiled<4, T>(qs.data(), at.data(), nq, Kh, ks[2], Vh, vs[2], scale, outs.data()); break;
+      case 128: attend_tiled<8, T>(qs.data(), at.data(), nq, Kh, ks[2], Vh, vs[2], scale, outs.data()); break;
+    }
+  }
+#endif
+}
+
 // Each row's queries (B, n_heads*hd) attend over the slots [0, pos] of its cache row -> out (B, n_heads*hd).
 // Row b reads cache row cache_row[b] (null: row b), so rows of one sequence at pos, pos + 1, ... attend causally.
 // Tasks are (row, kv group, part of PART positions), combined per head after: parts keep two threads busy at
 // batch 1 (three kv groups), and depend on the position alone, so a row's result never depends on its batch.
 template <typename T>
 void attend(const ModelDesc& M, const float* q, const T* K, const T* V, const int64_t* ks,
-            const int64_t* vs, const int64_t* pos, const int64_t* cache_row, int64_t B, float* out) {
+            const int64_t* vs, const int64_t* pos, const int64_t* cache_row, int64_t B, float* out, bool prompt) {
   const int64_t hd = M.head_dim, H = M.n_heads, KV = M.n_kv_heads, G = H / KV;
   const float scale = 1.0f / std::sqrt(float(hd));
+#if defined(LLMLAB_AVX512)
+  if (prompt && (hd == 16 || hd == 32 || hd == 64 || hd == 128))  // a prompt's chunk: matrix products
+    return attend_prompt(M, q, K, V, ks, vs, pos, cache_row, B, out);
+#endif
   std::vector<int64_t> first(B + 1, 0);  // row b's slots are [first[b], first[b + 1]) (KV groups x parts)
   for (int64_t b = 0; b < B; ++b) first[b + 1] = first[b] + KV * ((pos[b] + PART) / PART);
   // Up to 8 consecutive rows sharing a cache row (a verify, a prefill chunk) are one task per (kv group, part):
@@ -713,7 +894,7 @@ void attend(const ModelDesc& M, const float* q, const T* K, const T* V, const in
 // are written before any row attends (so rows of one sequence are a causal forward).
 template <typename T>
 void cache_and_attend(const ModelDesc& M, const float* q, const float* k, const float* v, T* K, T* V, const int64_t* ks,
-                      const int64_t* vs, const int64_t* pos, const int64_t* cache_row, int64_t B, float* out) {
+                      const int64_t* vs, const int64_t* pos, const int64_t* cache_row, int64_t B, float* out, bool prompt) {
   const int64_t hd = M.head_dim, kvd = M.n_kv_heads * hd;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t row = cache_row ? cache_row[b] : b;
@@ -722,7 +903,7 @@ void cache_and_attend(const ModelDesc& M, const float* q, const float* k, const 
       store_row(V + row * vs[0] + g * vs[1] + pos[b] * vs[2], &v[b * kvd + g * hd], hd);
     }
   }
-  attend(M, q, K, V, ks, vs, pos, cache_row, B, out);
+  attend(M, q, K, V, ks, vs, pos, cache_row, B, out, prompt);
 }
 
 // g = silu(g) * u, the SwiGLU: a vector exp where there is one (1536 scalar exps a layer were ~2% of a step)
@@ -911,9 +1092,9 @@ void llmlab_sample(const float* logits, int64_t B, int64_t V, float temperature,
 // or fp16 (kv_half = 1, where llmlab_half_kv() says so) cache
 // (batch, kv_heads, slots, head_dim) with element strides ks/vs (batch, head, slot; head_dim is contiguous).
 // Writes each row's key and value at its position, and the next-token logits of the last logit_rows rows
-// (logit_rows, vocab): all B for decoding and verifying, 1 for a prompt's last chunk, 0 for its others. prompt = 1 marks a prompt's chunk:
-// its activations are bf16 where llmlab_bf16 is on, else fp32, never int8: its last logits choose the first token
-// (in int8, SmolLM2 answered "What is the capital of France?" with "L'Étoile" instead of "Paris").
+// (logit_rows, vocab): all B for decoding and verifying, 1 for a prompt's last chunk, 0 for its others. prompt = 1 marks a prompt's chunk
+// (NativeDecoder.prefill: its last one): its activations are bf16 where llmlab_bf16 is on, else fp32, never int8: its
+// last logits choose the first token (in int8, SmolLM2 answered "What is the capital of France?" with "L'Étoile").
 // Row b uses cache row cache_row[b] (null: row b). Every row's key and value are written before any row attends,
 // so k + 1 rows of ONE sequence at positions p..p+k sharing a cache row are a causal forward of k + 1 tokens
 // (a speculative verify in one call).
@@ -921,7 +1102,9 @@ void llmlab_step(const ModelDesc* Mp, const int64_t* tokens, const int64_t* pos,
                  void* const* k_cache, void* const* v_cache, const int64_t* ks, const int64_t* vs, float* logits,
                  int64_t logit_rows, int prompt, int kv_half) {
   const ModelDesc& M = *Mp;
-  const Acts acts = prompt ? Acts::prompt : Acts::step;
+  // prompt: 0 decode or verify rows; 2 a prompt's last chunk (prompt activations); 1 a chunk before it (the decode
+  // steps' int8 activations where on, else the prompt's). Both kinds of chunk attend with the tiled kernel.
+  const Acts acts = prompt == 2 || (prompt == 1 && !llmlab_int8(-1)) ? Acts::prompt : Acts::step;
   const int64_t dim = M.dim, hd = M.head_dim, half = hd / 2, hidden = M.hidden;
   const int64_t qd = M.n_heads * hd, kvd = M.n_kv_heads * hd;
   std::vector<float> x(B * dim), h(B * dim), q(B * qd), k(B * kvd), v(B * kvd), att(B * qd), tmp(B * dim);
@@ -943,10 +1126,10 @@ void llmlab_step(const ModelDesc* Mp, const int64_t* tokens, const int64_t* pos,
     }
     if (kv_half)
       cache_and_attend(M, q.data(), k.data(), v.data(), static_cast<uint16_t*>(k_cache[l]),
-                       static_cast<uint16_t*>(v_cache[l]), ks, vs, pos, cache_row, B, att.data());
+                       static_cast<uint16_t*>(v_cache[l]), ks, vs, pos, cache_row, B, att.data(), prompt);
     else
       cache_and_attend(M, q.data(), k.data(), v.data(), static_cast<float*>(k_cache[l]), static_cast<float*>(v_cache[l]),
-                       ks, vs, pos, cache_row, B, att.data());
+                       ks, vs, pos, cache_row, B, att.data(), prompt);
     matmul_many({{&M.wo[l], tmp.data(), dim}}, att.data(), qd, B, acts);
     for (int64_t i = 0; i < B * dim; ++i) x[i] += tmp[i];
     for (int64_t b = 0; b < B; ++b) rmsnorm(&x[b * dim], M.norm_post[l], &h[b * dim], dim, M.eps);
