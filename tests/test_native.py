@@ -14,6 +14,7 @@ from llmlab.engine.native import (LAST_ROWS, PREFILL_ROWS, NativeDecoder, Native
 from llmlab.model import ModelConfig, Transformer
 from llmlab.model.quant import pack_groups, unpack_groups
 from llmlab.model.rope import extend_context, rope_attention_factor
+from llmlab.model.self_extend import enable_self_extend
 from helpers import ByteTokenizer
 
 pytestmark = pytest.mark.skipif(load_library() is None, reason="the native kernel did not build here (no g++?)")
@@ -138,6 +139,34 @@ def test_a_prompts_chunk_attends_as_pytorch_does_and_never_depends_on_its_batch(
     assert torch.equal(rest, got[20:])
 
 
+@pytest.mark.parametrize("dim", [128, 96])  # head_dim 64: the AVX-512 kernels (where built); 48: the plain loops
+def test_native_self_extend_matches_pytorchs(dim):
+    """Self-Extend (group 4, window 16) on the native step against PyTorch's SelfExtendAttention, same weights: a
+    150-token prompt (chunks whose parts are wholly far, wholly near or split between the two), decode steps, and a
+    verify of 5 rows equal to 5 single steps bit for bit."""
+    model = tiny_model(dim=dim, n_heads=2, n_kv_heads=1, max_seq_len=512)
+    enable_self_extend(model, 4, 16)
+    native = NativeDecoder(model)
+    ids = torch.randint(0, 96, (1, 150), generator=torch.Generator().manual_seed(2))
+    caches = [model.new_cache(1, 170) for _ in range(3)]
+    want = model(ids, input_pos=torch.arange(150)[None], kv_cache=caches[0])[0, -1:]
+    got = native.prefill(ids[0].tolist(), 0, caches[1])
+    # fp32 sums in another order (and a polynomial exp): measured ~1e-6 relative
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+    caches[2].copy_row(0, caches[1], length=150)
+    tokens, pos = want.argmax(-1, keepdim=True), torch.tensor([[150]])
+    steps = []
+    for _ in range(5):
+        want = model(tokens, input_pos=pos, kv_cache=caches[0])[:, -1]
+        got = native(tokens, pos, caches[1])
+        assert (got - want).abs().max() < 1e-4 * want.abs().max()
+        steps.append((tokens, got))
+        tokens, pos = want.argmax(-1, keepdim=True), pos + 1
+    verify = native(torch.cat([t for t, _ in steps]), torch.arange(150, 155)[:, None], caches[2],
+                    cache_rows=torch.zeros(5, dtype=torch.long))
+    assert torch.equal(verify, torch.cat([g for _, g in steps]))
+
+
 @pytest.mark.parametrize("kind", ["yarn", "ntk", "linear"])
 def test_native_steps_with_rope_scaling_match_pytorch_past_the_trained_context(kind):
     """A RoPE scaling chosen at load time runs on the native step: its frequencies, and YaRN's attention factor
@@ -233,6 +262,28 @@ def test_load_with_rope_scaling_keeps_the_native_kernel(smollm2_gguf, capsys):
     assert line.startswith("llmlab: native decode kernel") and line.endswith("16,384 tokens by yarn RoPE scaling x2")
     assert llm.engine.native_step is not None and llm.model.config.max_seq_len == 16384
     assert llm.generate("What is the capital of France?", max_new_tokens=8, temperature=0).strip()
+
+
+def test_load_with_self_extend_runs_it_on_the_native_kernel(smollm2_gguf, capsys):
+    """Self-Extend on SmolLM2 through the native kernel against the exact fp32 model's Self-Extend attention (the
+    same weights: the Q4_1 blocks are the kernel's own): a 300-token prompt with a window of 64, so most keys are
+    seen at grouped positions, then 8 greedy tokens."""
+    import llmlab
+
+    llm = llmlab.load(str(smollm2_gguf), self_extend="4,64")
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("llmlab: native decode kernel") and "Self-Extend (group 4, window 64)" in line
+    assert llm.engine.native_step is not None and llm.engine.native_step.desc.group == 4
+    dense = llmlab.load(str(smollm2_gguf), exact=True, self_extend="4,64", announce=False)
+    colours = ["red", "green", "blue"]
+    text = " ".join(f"Item {i}: the {colours[i % 3]} box holds {i * 7 % 50} marbles." for i in range(25))
+    ids = llm.tokenizer.encode(text)
+    assert 250 < len(ids) < 400
+    got, want = llm.engine.prefill(ids)[0], dense.engine.prefill(ids)[0]
+    # fp32 kernels here (the fixture): the fp16 KV cache and the order of sums differ, measured 2e-4 relative
+    assert (got - want).abs().max() < 1e-3 * want.abs().max()
+    greedy = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    assert llm.engine.generate([ids], greedy)[0].token_ids == dense.engine.generate([ids], greedy)[0].token_ids
 
 
 def test_smollm2_native_logits_and_greedy_text_match_the_fp32_model(packed, smollm2):

@@ -145,8 +145,8 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, dtype=None, compile: bool = F
 
     A longer context than the checkpoint's (llmlab.model.rope, llmlab.model.self_extend): rope_scaling="yarn:4"
     (linear, ntk or yarn, by a factor) rescales RoPE, on the native kernel too (its frequencies and YaRN's
-    attention factor); self_extend="4,1024" (GROUP,WINDOW) swaps in Self-Extend attention, which runs on the dense
-    model (the native kernel does not know it).
+    attention factor); self_extend="4,1024" (GROUP,WINDOW) swaps in Self-Extend attention, on the native kernel
+    too (each key also cached at its grouped position).
     """
     if exact and (int4 or compile):
         raise LLMLabError("exact means fp32 eager decoding: it cannot be combined with int4 or compile")
@@ -155,12 +155,12 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, dtype=None, compile: bool = F
                           "int4 or compile")
     context = parse_context_options(rope_scaling, self_extend)  # bad specs fail before the model loads
     fast = None
-    if not (exact or int4 or compile or self_extend) and parse_dtype(dtype) == torch.float32:
+    if not (exact or int4 or compile) and parse_dtype(dtype) == torch.float32:
         fast = load_packed(name_or_path)
     if fast is not None:
         (model, tokenizer, path), choice = fast
         from llmlab.engine.native import NativeDecoder, half_kv_cache, simd
-        extended = extend(model, *context) if context else ""  # RoPE scaling: before the kernel reads the frequencies
+        extended = extend(model, *context) if context else ""  # before the kernel reads the frequencies and groups
         native_step = NativeDecoder(model)
         if half_kv_cache():
             model.kv_dtype = torch.float16

@@ -41,9 +41,9 @@ class Engine:
         """Run a prompt; return the logits after its last token (1, V) and the batch-1 cache holding it. With
         `cache` (holding the prompt's first `start` tokens, e.g. a cached system prompt), ids are the rest.
 
-        With the native step the prompt runs through it too, in chunks (NativeDecoder.prefill: the last with bf16
-        activations where the CPU has AVX512-BF16, the ones before with the decode steps' int8 ones); else one
-        PyTorch forward."""
+        With the native step the prompt runs through it too, in chunks (NativeDecoder.prefill: its last 64 tokens
+        with bf16 activations where the CPU has AVX512-BF16, the ones before with the decode steps' int8 ones); else
+        one PyTorch forward."""
         if cache is None:
             cache = self.model.new_cache(1, max_len or start + len(ids))
         if self.native_prefill is not None:

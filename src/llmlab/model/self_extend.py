@@ -14,7 +14,8 @@ attention module by a SelfExtendAttention with the same parameters. A key's posi
 rotations (true and grouped position) are computed once: the KV cache holds the first as usual and the second in
 its `k_far` tensors (model.new_cache allocates them for a Self-Extend model), and a step costs about one plain
 attention (each key is seen once, near or far, except a band of window + chunk keys seen both ways). Queries are
-processed in chunks, so a 32k-token prefill needs (chunk x context) masks, not context x context.
+processed in chunks, so a 32k-token prefill needs (chunk x context) masks, not context x context. On a packed
+model the native decode kernel (llmlab.engine.native) runs the same attention, reading `model.self_extend`.
 """
 
 from __future__ import annotations

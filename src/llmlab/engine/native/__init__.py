@@ -178,7 +178,7 @@ class NativeDecoder:
             norm_final.data_ptr(), inv_freq.data_ptr(), rope_attention_factor(cfg),
             *[packed(name, [getattr(a, name) for a in attn]) for name in ATTN_NAMES],
             *[packed(name, [getattr(m, name) for m in mlp]) for name in MLP_NAMES],
-            ctypes.pointer(self.head.qmat))
+            ctypes.pointer(self.head.qmat), *(getattr(model, "self_extend", None) or (0, 0)))
         if embed_dense is None:
             self.keep.append(embed.packed)
 
@@ -217,29 +217,33 @@ class NativeDecoder:
         if not 0 <= logit_rows <= B:
             raise LLMLabError(f"logit_rows must be in [0, {B}], got {logit_rows}")
         logits = torch.empty(logit_rows, self.vocab)
-        k_ptrs, v_ptrs, k_strides, v_strides, half = self.cache_pointers(cache)
+        k_ptrs, v_ptrs, k_strides, v_strides, half, far_ptrs = self.cache_pointers(cache)
         self.lib.omp_set_num_threads(threads())
         self.lib.llmlab_step(ctypes.byref(self.desc), tokens.data_ptr(), pos.data_ptr(),
                              None if cache_rows is None else cache_rows.data_ptr(), B, k_ptrs, v_ptrs,
-                             k_strides, v_strides, logits.data_ptr(), logit_rows, PROMPT_KINDS[prompt], half)
+                             k_strides, v_strides, logits.data_ptr(), logit_rows, PROMPT_KINDS[prompt], half, far_ptrs)
         return logits
 
     def cache_pointers(self, cache):
         """The C call's per-layer cache pointers and strides, made once per cache and kept on it with the k and v
         lists they were made from (a reorder makes new lists, and so new pointers)."""
         known = getattr(cache, "native_pointers", None)
-        if known is not None and known[0] is cache.k and known[1] is cache.v:
-            return known[2]
-        k, v = cache.k, cache.v
+        if known is not None and known[0] is cache.k and known[1] is cache.v and known[2] is cache.k_far:
+            return known[3]
+        k, v, far = cache.k, cache.v, cache.k_far
         dtypes = (torch.float32, torch.float16) if half_kv_cache() else (torch.float32,)
-        if k[0].dtype not in dtypes or any(t.dtype != k[0].dtype or t.stride(3) != 1 for t in k + v):
+        if k[0].dtype not in dtypes or any(t.dtype != k[0].dtype or t.stride(3) != 1 for t in k + v + far):
             raise LLMLabError(f"the native decode step needs a KV cache of {' or '.join(map(str, dtypes))} with "
                               "contiguous head dimensions")
+        if self.desc.group and (len(far) != self.n_layers or any(f.stride() != t.stride() for f, t in zip(far, k))):
+            raise LLMLabError("a Self-Extend model needs a KV cache with far keys laid out as its keys "
+                              "(model.new_cache makes one)")
         made = ((ctypes.c_void_p * self.n_layers)(*[t.data_ptr() for t in k]),
                 (ctypes.c_void_p * self.n_layers)(*[t.data_ptr() for t in v]),
                 (ctypes.c_int64 * 3)(*k[0].stride()[:3]), (ctypes.c_int64 * 3)(*v[0].stride()[:3]),
-                int(k[0].dtype == torch.float16))
-        cache.native_pointers = (k, v, made)
+                int(k[0].dtype == torch.float16),
+                (ctypes.c_void_p * self.n_layers)(*[t.data_ptr() for t in far]) if self.desc.group else None)
+        cache.native_pointers = (k, v, far, made)
         return made
 
     def prefill(self, ids: list[int], start: int, cache, row: int = 0) -> torch.Tensor:
@@ -248,8 +252,8 @@ class NativeDecoder:
 
         The last LAST_ROWS tokens are one call whose activations are bf16 where the CPU has AVX512-BF16, else
         fp32, never int8: its last logits choose the first token, and with int8 ones SmolLM2 answered "What is the
-        capital of France?" wrongly (a near-tie: int8 keys and values for its 20 system-prompt tokens flipped it
-        too). The tokens before them only write keys and values: PREFILL_ROWS per call with the decode steps' int8
+        capital of France?" wrongly (a near-tie: int8 keys and values for the first 21 of its 37 tokens flipped
+        it too). The tokens before them only write keys and values: PREFILL_ROWS per call with the decode steps' int8
         activations where those are on (1.6-1.7x the bf16 kernel's speed; decode steps' own keys and values are
         int8 ones, and llama.cpp's prefill takes int8 ones throughout). Over 32 grounded prompts of 110-300 tokens
         the first token agreed with the exact model's on 31 (all bf16: 32; the flip a near-tie, 0.09 apart of

@@ -9,8 +9,8 @@
 // weights, tiles of 16 output rows (see "the tiled weight layout") that each serve every row of the batch. Where the
 // CPU has AVX512-VNNI, decode rows are rounded to int8 per group and meet the weights in integer dot products (as
 // llama.cpp's Q8 x Q4 kernels do): at batch 1 the step is bound by streaming the weights, and these keep up with it.
-// Many rows of one sequence in one call are a prompt's chunk (prefill: the last chunk with bf16 activations where the
-// CPU has AVX512-BF16, else fp32; the chunks before it with the decode rows' int8 ones) or a speculative verify.
+// Many rows of one sequence in one call are a prompt's chunk (prefill: its last 64 tokens with bf16 activations where
+// the CPU has AVX512-BF16, else fp32; the chunks before them with the decode rows' int8 ones) or a speculative verify.
 // Decode and verify rows attend row by row over the cache (fp16 as llama.cpp's, or fp32) in blocks of 16 positions
 // (one shuffle tree for their 16 scores, a vector exp), split into parts of 64 positions that the threads share and
 // whose softmaxes are combined after; a prompt's chunk attends as small matrix products (attend_prompt).
@@ -111,6 +111,8 @@ struct ModelDesc {
   const QMat* wup;
   const QMat* wdown;
   const QMat* head;
+  int64_t group, window;  // Self-Extend (llmlab.model.self_extend): keys window or more positions back are seen at
+                          // grouped positions (position / group) against a shifted query; group 0: off
 };
 
 }  // extern "C"
@@ -654,6 +656,24 @@ void attend_group(const float* q, int64_t G, const T* Kh, int64_t kstep, const T
   attend_group_plain<T>(q, G, Kh, kstep, Vh, vstep, s0, s1, hd, scale, top, total, y);
 }
 
+// Self-Extend for one row's G heads over [s0, s1): keys before near_from are seen at grouped positions (the far
+// query qf against the far keys Kfh), the rest as usual; the two ranges' softmaxes merged into (top, total, y).
+template <typename T>
+void attend_group_extended(const float* q, const float* qf, int64_t G, const T* Kh, const T* Kfh, int64_t kstep,
+                           const T* Vh, int64_t vstep, int64_t s0, int64_t s1, int64_t near_from, int64_t hd,
+                           float scale, float* top, float* total, float* y) {
+  if (near_from <= s0) return attend_group(q, G, Kh, kstep, Vh, vstep, s0, s1, hd, scale, top, total, y);
+  if (near_from >= s1) return attend_group(qf, G, Kfh, kstep, Vh, vstep, s0, s1, hd, scale, top, total, y);
+  std::vector<float> far_top(G), far_total(G), far_y(G * hd);
+  attend_group(qf, G, Kfh, kstep, Vh, vstep, s0, near_from, hd, scale, far_top.data(), far_total.data(), far_y.data());
+  attend_group(q, G, Kh, kstep, Vh, vstep, near_from, s1, hd, scale, top, total, y);
+  for (int64_t h = 0; h < G; ++h) {
+    const float mx = std::max(top[h], far_top[h]), a = std::exp(top[h] - mx), b = std::exp(far_top[h] - mx);
+    top[h] = mx, total[h] = total[h] * a + far_total[h] * b;
+    for (int64_t i = 0; i < hd; ++i) y[h * hd + i] = y[h * hd + i] * a + far_y[h * hd + i] * b;
+  }
+}
+
 #if defined(LLMLAB_AVX512)
 // A prompt's chunk attends as small matrix products, flash-style: the queries of a run of rows (x the G heads of a
 // kv group) go through the cached positions part by part (PART at a time). Each part's keys are converted to fp32
@@ -688,11 +708,11 @@ inline void transpose16(__m512* v) {
 }
 
 // R queries qs (R, 16 C; scaled) against one part: kt (16 C, PART) transposed keys, vs (PART, 16 C) values; query r
-// sees the part's first limits[r] positions. Folds the part into each query's running maximum, total and
-// unnormalised output (top, total, y).
+// sees the part's positions [lo[r], hi[r]). Folds them into each query's running maximum, total and unnormalised
+// output (top, total, y).
 template <int C, int R>
-void tiled_block(const float* qs, const float* kt, const float* vs, const int64_t* limits, float* top, float* total,
-                 float* y) {
+void tiled_block(const float* qs, const float* kt, const float* vs, const int64_t* lo, const int64_t* hi, float* top,
+                 float* total, float* y) {
   constexpr int HD = 16 * C;
   alignas(64) float p[R][PART];
   __m512 acc[R][4];
@@ -711,10 +731,9 @@ void tiled_block(const float* qs, const float* kt, const float* vs, const int64_
   }
   int64_t most_keys = 0;
   float old_share[R], new_share[R];  // what the running output and this part's are weighed by
-  for (int r = 0; r < R; ++r) {  // each query's softmax over its own keys [0, limits[r]) of the part
-    const int64_t n = limits[r];
-    most_keys = std::max(most_keys, n);
-    if (n == 0) {  // a spare query of a short block, or a row whose positions end before the part
+  for (int r = 0; r < R; ++r) {  // each query's softmax over its own keys [lo[r], hi[r]) of the part
+    most_keys = std::max(most_keys, hi[r]);
+    if (hi[r] <= lo[r]) {  // a spare query of a short block, or a row that sees none of these keys
       std::fill(p[r], p[r] + PART, 0.f);
       old_share[r] = 1.f, new_share[r] = 0.f;
       continue;
@@ -722,8 +741,8 @@ void tiled_block(const float* qs, const float* kt, const float* vs, const int64_
     __mmask16 live[4];
     __m512 most = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
     for (int kb = 0; kb < 4; ++kb) {
-      const int64_t left = std::clamp<int64_t>(n - 16 * kb, 0, 16);
-      live[kb] = left == 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      const int64_t below = std::clamp<int64_t>(hi[r] - 16 * kb, 0, 16), skip = std::clamp<int64_t>(lo[r] - 16 * kb, 0, 16);
+      live[kb] = __mmask16(((1u << below) - 1) & ~((1u << skip) - 1));
       most = _mm512_mask_max_ps(most, live[kb], most, acc[r][kb]);
     }
     const float mx = std::max(top[r], _mm512_reduce_max_ps(most));
@@ -755,38 +774,54 @@ void tiled_block(const float* qs, const float* kt, const float* vs, const int64_
 }
 
 // Queries qs[0..nq) (pointers, unscaled) of one kv group, query i at position at[i], over the cached positions
-// [0, at[i]] of Kh/Vh -> outs[i] (normalised).
+// [0, at[i]] of Kh/Vh -> outs[i] (normalised). Self-Extend (window > 0): keys window or more positions before a query
+// are seen as its far query qfs[i] against the far keys Kfh instead.
 template <int C, typename T>
-void attend_tiled(const float* const* qs, const int64_t* at, int64_t nq, const T* Kh, int64_t kstep, const T* Vh,
-                  int64_t vstep, float scale, float* const* outs) {
+void attend_tiled(const float* const* qs, const float* const* qfs, const int64_t* at, int64_t nq, const T* Kh,
+                  const T* Kfh, int64_t kstep, const T* Vh, int64_t vstep, int64_t window, float scale,
+                  float* const* outs) {
   constexpr int HD = 16 * C, R = C >= 8 ? 3 : 6;  // R: 4 x R score accumulators (64 keys) and R x C output ones
-  const int64_t blocks = (nq + R - 1) / R, last = *std::max_element(at, at + nq);
-  std::vector<float> qbuf(blocks * R * HD + 16), y(blocks * R * HD + 16), top(blocks * R, -INFINITY), total(blocks * R);
-  float* qa = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(qbuf.data()) + 63) & ~uintptr_t(63));
-  float* ya = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(y.data()) + 63) & ~uintptr_t(63));
-  for (int64_t i = 0; i < blocks * R; ++i)  // scaled queries, a short last block padded with zero ones
-    for (int d = 0; d < HD; ++d) qa[i * HD + d] = i < nq ? qs[i][d] * scale : 0.f;
+  const int64_t blocks = (nq + R - 1) / R, padded = blocks * R, last = *std::max_element(at, at + nq);
+  std::vector<float> buf(3 * padded * HD + 16), top(padded, -INFINITY), total(padded);
+  float* qa = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+  float *qfa = qa + padded * HD, *ya = qfa + padded * HD;  // scaled near and far queries, running outputs
+  for (int64_t i = 0; i < padded; ++i)  // a short last block padded with zero queries
+    for (int d = 0; d < HD; ++d) {
+      qa[i * HD + d] = i < nq ? qs[i][d] * scale : 0.f;
+      qfa[i * HD + d] = i < nq && window ? qfs[i][d] * scale : 0.f;
+      ya[i * HD + d] = 0.f;
+    }
+  std::vector<int64_t> lo(padded), mid(padded), hi(padded);  // query i: far keys [lo, mid), near [mid, hi) of a part
   alignas(64) float kt[HD * PART], vs[PART * HD];
-  for (int64_t s0 = 0; s0 <= last; s0 += PART) {
-    const int64_t n = std::min(PART, last + 1 - s0);
-    for (int64_t j0 = 0; j0 < PART; j0 += 16)  // keys transposed 16 x 16 at a time (positions past n: zeros)
+  auto transpose_keys = [&](const T* K, int64_t s0, int64_t n) {  // 16 x 16 at a time (positions past n: zeros)
+    for (int64_t j0 = 0; j0 < PART; j0 += 16)
       for (int i = 0; i < C; ++i) {
         __m512 block[16];
         for (int j = 0; j < 16; ++j)
-          block[j] = j0 + j < n ? load16(Kh + (s0 + j0 + j) * kstep + 16 * i) : _mm512_setzero_ps();
+          block[j] = j0 + j < n ? load16(K + (s0 + j0 + j) * kstep + 16 * i) : _mm512_setzero_ps();
         transpose16(block);
         for (int d = 0; d < 16; ++d) _mm512_store_ps(kt + (16 * i + d) * PART + j0, block[d]);
       }
+  };
+  for (int64_t s0 = 0; s0 <= last; s0 += PART) {
+    const int64_t n = std::min(PART, last + 1 - s0);
+    bool far = false, near = false;
+    for (int64_t i = 0; i < padded; ++i) {
+      hi[i] = i < nq ? std::clamp<int64_t>(at[i] + 1 - s0, 0, n) : 0;
+      mid[i] = window && i < nq ? std::clamp<int64_t>(at[i] - window + 1 - s0, 0, hi[i]) : 0;
+      lo[i] = 0, far |= mid[i] > 0, near |= hi[i] > mid[i];
+    }
     for (int64_t j = 0; j < n; ++j)  // values as rows
       for (int i = 0; i < C; ++i) _mm512_store_ps(vs + j * HD + 16 * i, load16(Vh + (s0 + j) * vstep + 16 * i));
-    for (int64_t b = 0; b < blocks; ++b) {
-      int64_t limits[R];
-      for (int r = 0; r < R; ++r) {
-        const int64_t i = b * R + r;
-        limits[r] = i < nq ? std::clamp<int64_t>(at[i] + 1 - s0, 0, n) : 0;
-      }
-      if (*std::max_element(limits, limits + R) > 0)
-        tiled_block<C, R>(qa + b * R * HD, kt, vs, limits, &top[b * R], &total[b * R], ya + b * R * HD);
+    if (far) {
+      transpose_keys(Kfh, s0, n);
+      for (int64_t b = 0; b < blocks; ++b)
+        tiled_block<C, R>(qfa + b * R * HD, kt, vs, &lo[b * R], &mid[b * R], &top[b * R], &total[b * R], ya + b * R * HD);
+    }
+    if (near) {
+      transpose_keys(Kh, s0, n);
+      for (int64_t b = 0; b < blocks; ++b)
+        tiled_block<C, R>(qa + b * R * HD, kt, vs, &mid[b * R], &hi[b * R], &top[b * R], &total[b * R], ya + b * R * HD);
     }
   }
   for (int64_t i = 0; i < nq; ++i)
@@ -796,8 +831,9 @@ void attend_tiled(const float* const* qs, const int64_t* at, int64_t nq, const T
 
 // A prompt's chunk: the rows of each run (consecutive rows of one cache row, up to TILED_RUN) x kv group is one task.
 template <typename T>
-void attend_prompt(const ModelDesc& M, const float* q, const T* K, const T* V, const int64_t* ks, const int64_t* vs,
-                   const int64_t* pos, const int64_t* cache_row, int64_t B, float* out) {
+void attend_prompt(const ModelDesc& M, const float* q, const float* qf, const T* K, const T* Kf, const T* V,
+                   const int64_t* ks, const int64_t* vs, const int64_t* pos, const int64_t* cache_row, int64_t B,
+                   float* out) {
 #if defined(LLMLAB_AVX512)
   const int64_t hd = M.head_dim, H = M.n_heads, KV = M.n_kv_heads, G = H / KV;
   const float scale = 1.0f / std::sqrt(float(hd));
@@ -809,22 +845,23 @@ void attend_prompt(const ModelDesc& M, const float* q, const T* K, const T* V, c
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < runs * KV; ++t) {
     const int64_t r = t / KV, g = t % KV, b0 = run_start[r], b1 = run_start[r + 1];
-    std::vector<const float*> qs;
+    std::vector<const float*> qs, qfs;
     std::vector<float*> outs;
     std::vector<int64_t> at;
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t h = 0; h < G; ++h) {
-        qs.push_back(q + b * H * hd + (g * G + h) * hd), outs.push_back(out + b * H * hd + (g * G + h) * hd);
+        const int64_t at_q = b * H * hd + (g * G + h) * hd;
+        qs.push_back(q + at_q), qfs.push_back(M.group ? qf + at_q : nullptr), outs.push_back(out + at_q);
         at.push_back(pos[b]);
       }
-    const int64_t row = cache_row ? cache_row[b0] : b0;
+    const int64_t row = cache_row ? cache_row[b0] : b0, nq = qs.size(), window = M.group ? M.window : 0;
     const T *Kh = K + row * ks[0] + g * ks[1], *Vh = V + row * vs[0] + g * vs[1];
-    const int64_t nq = qs.size();
+    const T* Kfh = M.group ? Kf + row * ks[0] + g * ks[1] : nullptr;
     switch (hd) {
-      case 16: attend_tiled<1, T>(qs.data(), at.data(), nq, Kh, ks[2], Vh, vs[2], scale, outs.data()); break;
-      case 32: attend_tiled<2, T>(qs.data(), at.data(), nq, Kh, ks[2], Vh, vs[2], scale, outs.data()); break;
-      case 64: attend_tiled<4, T>(qs.data(), at.data(), nq, Kh, ks[2], Vh, vs[2], scale, outs.data()); break;
-      case 128: attend_tiled<8, T>(qs.data(), at.data(), nq, Kh, ks[2], Vh, vs[2], scale, outs.data()); break;
+      case 16: attend_tiled<1, T>(qs.data(), qfs.data(), at.data(), nq, Kh, Kfh, ks[2], Vh, vs[2], window, scale, outs.data()); break;
+      case 32: attend_tiled<2, T>(qs.data(), qfs.data(), at.data(), nq, Kh, Kfh, ks[2], Vh, vs[2], window, scale, outs.data()); break;
+      case 64: attend_tiled<4, T>(qs.data(), qfs.data(), at.data(), nq, Kh, Kfh, ks[2], Vh, vs[2], window, scale, outs.data()); break;
+      case 128: attend_tiled<8, T>(qs.data(), qfs.data(), at.data(), nq, Kh, Kfh, ks[2], Vh, vs[2], window, scale, outs.data()); break;
     }
   }
 #endif
@@ -835,13 +872,13 @@ void attend_prompt(const ModelDesc& M, const float* q, const T* K, const T* V, c
 // Tasks are (row, kv group, part of PART positions), combined per head after: parts keep two threads busy at
 // batch 1 (three kv groups), and depend on the position alone, so a row's result never depends on its batch.
 template <typename T>
-void attend(const ModelDesc& M, const float* q, const T* K, const T* V, const int64_t* ks,
+void attend(const ModelDesc& M, const float* q, const float* qf, const T* K, const T* Kf, const T* V, const int64_t* ks,
             const int64_t* vs, const int64_t* pos, const int64_t* cache_row, int64_t B, float* out, bool prompt) {
   const int64_t hd = M.head_dim, H = M.n_heads, KV = M.n_kv_heads, G = H / KV;
   const float scale = 1.0f / std::sqrt(float(hd));
 #if defined(LLMLAB_AVX512)
   if (prompt && (hd == 16 || hd == 32 || hd == 64 || hd == 128))  // a prompt's chunk: matrix products
-    return attend_prompt(M, q, K, V, ks, vs, pos, cache_row, B, out);
+    return attend_prompt(M, q, qf, K, Kf, V, ks, vs, pos, cache_row, B, out);
 #endif
   std::vector<int64_t> first(B + 1, 0);  // row b's slots are [first[b], first[b + 1]) (KV groups x parts)
   for (int64_t b = 0; b < B; ++b) first[b + 1] = first[b] + KV * ((pos[b] + PART) / PART);
@@ -867,8 +904,13 @@ void attend(const ModelDesc& M, const float* q, const T* K, const T* V, const in
         const int64_t parts = (first[b + 1] - first[b]) / KV, s0 = part * PART, s1 = std::min(pos[b] + 1, s0 + PART);
         if (part >= parts) continue;  // this row's positions end before the part
         const int64_t row = cache_row ? cache_row[b] : b, slot = first[b] + g * parts + part;
-        attend_group(q + b * H * hd + g * G * hd, G, K + row * ks[0] + g * ks[1], ks[2], V + row * vs[0] + g * vs[1],
-                     vs[2], s0, s1, hd, scale, &top[slot * G], &total[slot * G], &part_y[slot * G * hd]);
+        const int64_t at_q = b * H * hd + g * G * hd, at_k = row * ks[0] + g * ks[1], at_v = row * vs[0] + g * vs[1];
+        if (M.group)  // Self-Extend: keys window or more positions back at grouped positions
+          attend_group_extended(q + at_q, qf + at_q, G, K + at_k, Kf + at_k, ks[2], V + at_v, vs[2], s0, s1,
+                                pos[b] - M.window + 1, hd, scale, &top[slot * G], &total[slot * G], &part_y[slot * G * hd]);
+        else
+          attend_group(q + at_q, G, K + at_k, ks[2], V + at_v, vs[2], s0, s1, hd, scale, &top[slot * G], &total[slot * G],
+                       &part_y[slot * G * hd]);
       }
     }
 #pragma omp for schedule(static)
@@ -893,17 +935,19 @@ void attend(const ModelDesc& M, const float* q, const T* K, const T* V, const in
 // Writes each row's key and value (B, kv_heads * hd) at its position in its cache row, then attends: every row's
 // are written before any row attends (so rows of one sequence are a causal forward).
 template <typename T>
-void cache_and_attend(const ModelDesc& M, const float* q, const float* k, const float* v, T* K, T* V, const int64_t* ks,
-                      const int64_t* vs, const int64_t* pos, const int64_t* cache_row, int64_t B, float* out, bool prompt) {
+void cache_and_attend(const ModelDesc& M, const float* q, const float* qf, const float* k, const float* kf, const float* v,
+                      T* K, T* Kf, T* V, const int64_t* ks, const int64_t* vs, const int64_t* pos, const int64_t* cache_row,
+                      int64_t B, float* out, bool prompt) {
   const int64_t hd = M.head_dim, kvd = M.n_kv_heads * hd;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t row = cache_row ? cache_row[b] : b;
     for (int64_t g = 0; g < M.n_kv_heads; ++g) {
       store_row(K + row * ks[0] + g * ks[1] + pos[b] * ks[2], &k[b * kvd + g * hd], hd);
       store_row(V + row * vs[0] + g * vs[1] + pos[b] * vs[2], &v[b * kvd + g * hd], hd);
+      if (M.group) store_row(Kf + row * ks[0] + g * ks[1] + pos[b] * ks[2], &kf[b * kvd + g * hd], hd);
     }
   }
-  attend(M, q, K, V, ks, vs, pos, cache_row, B, out, prompt);
+  attend(M, q, qf, K, Kf, V, ks, vs, pos, cache_row, B, out, prompt);
 }
 
 // g = silu(g) * u, the SwiGLU: a vector exp where there is one (1536 scalar exps a layer were ~2% of a step)
@@ -1092,44 +1136,64 @@ void llmlab_sample(const float* logits, int64_t B, int64_t V, float temperature,
 // or fp16 (kv_half = 1, where llmlab_half_kv() says so) cache
 // (batch, kv_heads, slots, head_dim) with element strides ks/vs (batch, head, slot; head_dim is contiguous).
 // Writes each row's key and value at its position, and the next-token logits of the last logit_rows rows
-// (logit_rows, vocab): all B for decoding and verifying, 1 for a prompt's last chunk, 0 for its others. prompt = 1 marks a prompt's chunk
-// (NativeDecoder.prefill: its last one): its activations are bf16 where llmlab_bf16 is on, else fp32, never int8: its
-// last logits choose the first token (in int8, SmolLM2 answered "What is the capital of France?" with "L'Étoile").
+// (logit_rows, vocab): all B for decoding and verifying, 1 for a prompt's last chunk, 0 for its others.
+// prompt: 0 for decode or verify rows; 2 for a prompt's last chunk (NativeDecoder.prefill: its last 64 tokens), whose
+// activations are bf16 where llmlab_bf16 is on, else fp32, never int8: its last logits choose the first token (in
+// int8, SmolLM2 answered "What is the capital of France?" with "L'Étoile"); 1 for a chunk before it, which only
+// writes keys and values and takes the decode rows' activations (int8 where llmlab_int8 is on, else the last
+// chunk's). Both kinds of chunk attend as matrix products (attend_prompt), decode and verify rows row by row.
 // Row b uses cache row cache_row[b] (null: row b). Every row's key and value are written before any row attends,
 // so k + 1 rows of ONE sequence at positions p..p+k sharing a cache row are a causal forward of k + 1 tokens
 // (a speculative verify in one call).
 void llmlab_step(const ModelDesc* Mp, const int64_t* tokens, const int64_t* pos, const int64_t* cache_row, int64_t B,
                  void* const* k_cache, void* const* v_cache, const int64_t* ks, const int64_t* vs, float* logits,
-                 int64_t logit_rows, int prompt, int kv_half) {
+                 int64_t logit_rows, int prompt, int kv_half, void* const* kfar_cache) {
   const ModelDesc& M = *Mp;
-  // prompt: 0 decode or verify rows; 2 a prompt's last chunk (prompt activations); 1 a chunk before it (the decode
-  // steps' int8 activations where on, else the prompt's). Both kinds of chunk attend with the tiled kernel.
   const Acts acts = prompt == 2 || (prompt == 1 && !llmlab_int8(-1)) ? Acts::prompt : Acts::step;
   const int64_t dim = M.dim, hd = M.head_dim, half = hd / 2, hidden = M.hidden;
   const int64_t qd = M.n_heads * hd, kvd = M.n_kv_heads * hd;
   std::vector<float> x(B * dim), h(B * dim), q(B * qd), k(B * kvd), v(B * kvd), att(B * qd), tmp(B * dim);
   std::vector<float> gate(B * hidden), up(B * hidden), cosv(B * half), sinv(B * half);
-  for (int64_t b = 0; b < B; ++b)
+  // Self-Extend: each query also rotated at its far position, each key at its grouped one (llmlab.model.self_extend)
+  const int64_t far_rows = M.group ? B : 0;
+  std::vector<float> qf(far_rows * qd), kf(far_rows * kvd), cosq(far_rows * half), sinq(far_rows * half),
+      cosk(far_rows * half), sink(far_rows * half);
+  auto tables = [&](int64_t b, int64_t p, float* c, float* s) {
     for (int64_t i = 0; i < half; ++i) {
-      const float angle = float(pos[b]) * M.inv_freq[i];  // fp32, as the PyTorch path (input_pos.float() * inv_freq)
-      cosv[b * half + i] = std::cos(angle) * M.rope_scale;
-      sinv[b * half + i] = std::sin(angle) * M.rope_scale;
+      const float angle = float(p) * M.inv_freq[i];  // fp32, as the PyTorch path (input_pos.float() * inv_freq)
+      c[b * half + i] = std::cos(angle) * M.rope_scale;
+      s[b * half + i] = std::sin(angle) * M.rope_scale;
     }
+  };
+  for (int64_t b = 0; b < B; ++b) tables(b, pos[b], cosv.data(), sinv.data());
+  for (int64_t b = 0; b < far_rows; ++b) {
+    tables(b, pos[b] / M.group + M.window - M.window / M.group, cosq.data(), sinq.data());
+    tables(b, pos[b] / M.group, cosk.data(), sink.data());
+  }
   embed_rows(M, tokens, B, x.data());
 
   for (int64_t l = 0; l < M.n_layers; ++l) {
     for (int64_t b = 0; b < B; ++b) rmsnorm(&x[b * dim], M.norm_in[l], &h[b * dim], dim, M.eps);
     matmul_many({{&M.wq[l], q.data(), qd}, {&M.wk[l], k.data(), kvd}, {&M.wv[l], v.data(), kvd}}, h.data(), dim, B, acts);
+    std::copy(q.begin(), q.begin() + far_rows * qd, qf.begin());  // (unrotated copies for Self-Extend's far view)
+    std::copy(k.begin(), k.begin() + far_rows * kvd, kf.begin());
+    for (int64_t b = 0; b < far_rows; ++b) {
+      rope(&qf[b * qd], M.n_heads, hd, &cosq[b * half], &sinq[b * half]);
+      rope(&kf[b * kvd], M.n_kv_heads, hd, &cosk[b * half], &sink[b * half]);
+    }
     for (int64_t b = 0; b < B; ++b) {
       rope(&q[b * qd], M.n_heads, hd, &cosv[b * half], &sinv[b * half]);
       rope(&k[b * kvd], M.n_kv_heads, hd, &cosv[b * half], &sinv[b * half]);
     }
+    void* kfar = M.group ? kfar_cache[l] : nullptr;
     if (kv_half)
-      cache_and_attend(M, q.data(), k.data(), v.data(), static_cast<uint16_t*>(k_cache[l]),
-                       static_cast<uint16_t*>(v_cache[l]), ks, vs, pos, cache_row, B, att.data(), prompt);
+      cache_and_attend(M, q.data(), qf.data(), k.data(), kf.data(), v.data(), static_cast<uint16_t*>(k_cache[l]),
+                       static_cast<uint16_t*>(kfar), static_cast<uint16_t*>(v_cache[l]), ks, vs, pos, cache_row, B,
+                       att.data(), prompt);
     else
-      cache_and_attend(M, q.data(), k.data(), v.data(), static_cast<float*>(k_cache[l]), static_cast<float*>(v_cache[l]),
-                       ks, vs, pos, cache_row, B, att.data(), prompt);
+      cache_and_attend(M, q.data(), qf.data(), k.data(), kf.data(), v.data(), static_cast<float*>(k_cache[l]),
+                       static_cast<float*>(kfar), static_cast<float*>(v_cache[l]), ks, vs, pos, cache_row, B, att.data(),
+                       prompt);
     matmul_many({{&M.wo[l], tmp.data(), dim}}, att.data(), qd, B, acts);
     for (int64_t i = 0; i < B * dim; ++i) x[i] += tmp[i];
     for (int64_t b = 0; b < B; ++b) rmsnorm(&x[b * dim], M.norm_post[l], &h[b * dim], dim, M.eps);

@@ -40,7 +40,8 @@ class ModelDesc(ctypes.Structure):
         ("eps", ctypes.c_double), ("embed", ctypes.c_void_p), ("embed_q", ctypes.POINTER(QMat)),
         ("norm_in", ctypes.c_void_p), ("norm_post", ctypes.c_void_p), ("norm_final", ctypes.c_void_p),
         ("inv_freq", ctypes.c_void_p), ("rope_scale", ctypes.c_float)] + [
-        (name, ctypes.POINTER(QMat)) for name in ("wq", "wk", "wv", "wo", "wgate", "wup", "wdown", "head")]
+        (name, ctypes.POINTER(QMat)) for name in ("wq", "wk", "wv", "wo", "wgate", "wup", "wdown", "head")] + [
+        ("group", ctypes.c_int64), ("window", ctypes.c_int64)]  # Self-Extend (group 0: off)
 
 
 def cpu_flags() -> str:
@@ -93,7 +94,8 @@ def load_library():
         lib.llmlab_step.restype = None
         lib.llmlab_step.argtypes = [ctypes.POINTER(ModelDesc), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                     ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                                    ctypes.c_void_p]
         lib.llmlab_qmatmul.argtypes = [ctypes.POINTER(QMat), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         lib.llmlab_qmatmul_step.argtypes = lib.llmlab_qmatmul.argtypes
         lib.llmlab_qmatmul_prompt.argtypes = lib.llmlab_qmatmul.argtypes
