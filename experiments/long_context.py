@@ -1,9 +1,10 @@
 """Needle in a haystack past SmolLM2's trained context (8,192 tokens), with and without context extension.
 
     .venv/bin/python experiments/long_context.py [--runs none:4096,none:8192,self-extend:16384,none:16384]
-                                                 [--depths 0.1,0.5,0.9] [--window 1024] [--group 0]
+                                                 [--depths 0.1,0.5,0.9] [--window 1024] [--group 0] [--native]
 
-Each run is METHOD:LENGTH; SmolLM2-135M-Instruct (the GGUF, fp32 eager) is loaded and extended to cover LENGTH:
+Each run is METHOD:LENGTH; SmolLM2-135M-Instruct (the GGUF, fp32 eager; --native: its 4-bit weights through the
+native kernel, as llmlab.load gives them) is loaded and extended to cover LENGTH:
 - none: positions past 8,192 are used as they are (RoPE extrapolation, what the model never saw); at 4k and 8k it
   is the in-context reference (can the model find a needle at all?);
 - yarn / ntk / linear: RoPE scaling by the power-of-two factor that covers LENGTH (llmlab.model.rope);
@@ -46,8 +47,10 @@ def self_extend_group(trained: int, window: int, need: int) -> int:
     return 16
 
 
-def load_extended(method: str, length: int, group: int, window: int):
-    """(LLM extended to cover length, trained context, what was done)."""
+def load_extended(method: str, length: int, group: int, window: int, native: bool = False):
+    """(LLM extended to cover length, trained context, what was done). native: the GGUF's packed weights through
+    the native kernel, as llmlab.load gives them (else the dense fp32 model in PyTorch)."""
+    import llmlab
     from llmlab.api import LLM
     from llmlab.checkpoint.load import load_checkpoint
     from llmlab.model.rope import extend_context
@@ -56,18 +59,24 @@ def load_extended(method: str, length: int, group: int, window: int):
     model, tokenizer, path = load_checkpoint("smollm2", torch.float32)
     trained = model.config.max_seq_len
     need = length + ROOM
+    options = {}
     if method == "none":
         model.config.max_seq_len = max(trained, need)
         how = "none"
     elif method == "self-extend":
         group = group or self_extend_group(trained, window, need)
         enable_self_extend(model, group, window)
-        how = f"self-extend {group},{window}"
+        how, options = f"self-extend {group},{window}", {"self_extend": f"{group},{window}"}
     else:
         factor = max(2.0, 2 ** math.ceil(math.log2(need / trained)))
         extend_context(model, method, factor)
-        how = f"{method}:{factor:g}"
-    return LLM(model, tokenizer, path), trained, how
+        how, options = f"{method}:{factor:g}", {"rope_scaling": f"{method}:{factor:g}"}
+    if not native:
+        return LLM(model, tokenizer, path), trained, how
+    llm = llmlab.load("smollm2", announce=False, **options)
+    if method == "none":  # positions past the trained context as they are
+        llm.model.config.max_seq_len = llm.engine.context_len = max(trained, need)
+    return llm, trained, how + " (native)"
 
 
 def main(argv=None):
@@ -83,6 +92,8 @@ def main(argv=None):
                    help="needles whose code is a number alone (make_needle(number=True)); their own heatmap panels")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--append", action="store_true", help="keep the rows already in OUT/niah.json (other runs)")
+    p.add_argument("--native", action="store_true",
+                   help="the GGUF's 4-bit weights through the native kernel (llmlab.load's default), not dense fp32")
     args = p.parse_args(argv)
     from llmlab.eval.niah import run_niah
     runs = [(m, int(n)) for m, n in (r.split(":") for r in args.runs.split(","))]
@@ -91,7 +102,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     rows = json.loads((out / "niah.json").read_text())["rows"] if args.append and (out / "niah.json").is_file() else []
     for method, n in runs:
-        llm, trained, how = load_extended(method, n, args.group, args.window)
+        llm, trained, how = load_extended(method, n, args.group, args.window, args.native)
         kv = llm.info()["kv_cache_bytes_per_token"]
         t0, cpu0 = time.perf_counter(), time.process_time()
         summary = run_niah(llm, lengths=[n], depths=depths, max_tokens=16, first_needle=args.first_needle,

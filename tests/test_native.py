@@ -274,6 +274,7 @@ def test_load_with_self_extend_runs_it_on_the_native_kernel(smollm2_gguf, capsys
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("llmlab: native decode kernel") and "Self-Extend (group 4, window 64)" in line
     assert llm.engine.native_step is not None and llm.engine.native_step.desc.group == 4
+    assert llm.info()["kv_cache_bytes_per_token"] == 3 * 30 * 3 * 64 * 2  # fp16 keys, values and far keys
     dense = llmlab.load(str(smollm2_gguf), exact=True, self_extend="4,64", announce=False)
     colours = ["red", "green", "blue"]
     text = " ".join(f"Item {i}: the {colours[i % 3]} box holds {i * 7 % 50} marbles." for i in range(25))

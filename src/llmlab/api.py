@@ -103,7 +103,8 @@ class LLM:
         # what the weights are held as: packed projections (the native kernel's) and dense tensors (norms, ...)
         storage = f"{' and '.join(f'{b}-bit' for b in bits)} packed, the rest {dtype}" if bits else str(dtype)
         bytes_per = torch.finfo(self.model.kv_dtype or dtype).bits // 8  # (the native step's cache: fp16)
-        kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * bytes_per
+        tensors = 3 if getattr(self.model, "self_extend", None) else 2  # keys, values (and Self-Extend's far keys)
+        kv_per_token = tensors * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * bytes_per
         return {
             "path": str(self.path), "architecture": cfg.hf_model_type, "parameters": n,
             "layers": cfg.n_layers, "dim": cfg.dim, "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads,
