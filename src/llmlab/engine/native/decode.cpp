@@ -803,6 +803,11 @@ void attend_tiled(const float* const* qs, const float* const* qfs, const int64_t
         for (int d = 0; d < 16; ++d) _mm512_store_ps(kt + (16 * i + d) * PART + j0, block[d]);
       }
   };
+  auto sees = [&](const int64_t* from, const int64_t* to, int64_t b) {  // does a query of block b see a key?
+    for (int r = 0; r < R; ++r)
+      if (to[b * R + r] > from[b * R + r]) return true;
+    return false;
+  };
   for (int64_t s0 = 0; s0 <= last; s0 += PART) {
     const int64_t n = std::min(PART, last + 1 - s0);
     bool far = false, near = false;
@@ -816,12 +821,14 @@ void attend_tiled(const float* const* qs, const float* const* qfs, const int64_t
     if (far) {
       transpose_keys(Kfh, s0, n);
       for (int64_t b = 0; b < blocks; ++b)
-        tiled_block<C, R>(qfa + b * R * HD, kt, vs, &lo[b * R], &mid[b * R], &top[b * R], &total[b * R], ya + b * R * HD);
+        if (sees(lo.data(), mid.data(), b))
+          tiled_block<C, R>(qfa + b * R * HD, kt, vs, &lo[b * R], &mid[b * R], &top[b * R], &total[b * R], ya + b * R * HD);
     }
     if (near) {
       transpose_keys(Kh, s0, n);
       for (int64_t b = 0; b < blocks; ++b)
-        tiled_block<C, R>(qa + b * R * HD, kt, vs, &mid[b * R], &hi[b * R], &top[b * R], &total[b * R], ya + b * R * HD);
+        if (sees(mid.data(), hi.data(), b))
+          tiled_block<C, R>(qa + b * R * HD, kt, vs, &mid[b * R], &hi[b * R], &top[b * R], &total[b * R], ya + b * R * HD);
     }
   }
   for (int64_t i = 0; i < nq; ++i)
