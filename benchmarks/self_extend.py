@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import llmlab
+from llmlab.errors import LLMLabError
 from llmlab.io import atomic_write_text
 
 RESULTS = Path(__file__).parent / "results" / "self_extend.json"
@@ -49,9 +50,14 @@ def main():
     ap.add_argument("--steps", type=int, default=32, help="decode steps after the prompt")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
+    if args.prompt_tokens < 1 or args.steps < 1:
+        ap.error("--prompt-tokens and --steps must be at least 1")
     rows = {}
     for name, options in (("native", {}), ("dense fp32", {"exact": True})):
-        rows[name] = measure(args.prompt_tokens, args.self_extend, args.steps, **options)
+        try:
+            rows[name] = measure(args.prompt_tokens, args.self_extend, args.steps, **options)
+        except LLMLabError as e:  # a bad --self-extend, a prompt past its reach
+            raise SystemExit(f"self_extend.py: {e}") from None
         print(f"{name:>10}: prefill {args.prompt_tokens} tokens {rows[name]['prefill_s']} s "
               f"({rows[name]['prefill_tok_s']} tok/s), decode {rows[name]['decode_tok_s']} tok/s", flush=True)
     ratios = {key: round(rows["native"][key] / rows["dense fp32"][key], 2) for key in ("prefill_tok_s", "decode_tok_s")}

@@ -266,6 +266,8 @@ def main():
     if args.load:
         print(json.dumps(measure_here(*json.loads(args.load))))
         return 0
+    if args.one_client_rounds < 1:
+        parser.error(f"--one-client-rounds must be at least 1, got {args.one_client_rounds}")
     if args.generate:
         import llmlab
         gguf, int4, requests, max_tokens = json.loads(args.generate)
