@@ -30,7 +30,7 @@ speedrun: $(STAMP)
 
 chat: $(STAMP)
 	$(BIN)/llmlab pull smollm2
-	$(BIN)/llmlab chat --int4
+	$(BIN)/llmlab chat
 
 test: $(STAMP)
 	bash scripts/system-deps.sh  # Debian's chromium, for the web-chat browser test

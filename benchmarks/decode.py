@@ -5,7 +5,8 @@
 Every engine runs in its own fresh process (so peak memory and start-up are its own), on the same file (the
 SmolLM2 Q4_1 GGUF), the same 128-token prompt, greedy, batch 1; the engines alternate over rounds and the best
 round counts. "llmlab default" is `llmlab.load(FILE)` with no options (the native 4-bit kernel on the file's
-own weights), "llmlab default sampled" the same with temperature 0.7 and top-p 0.9 (not by default), "llmlab exact" is
+own weights), "llmlab lite" the same kernel in a process without PyTorch (`llmlab generate`'s default path,
+llmlab.engine.native.lite), "llmlab default sampled" the same with temperature 0.7 and top-p 0.9 (not by default), "llmlab exact" is
 fp32 eager, "llmlab int4 compiled" the PyTorch 4-bit copies under torch.compile;
 llama-bench (`-p 128 -n 128 -d 0,128 -t THREADS`, built by benchmarks/build_llamacpp.sh; its decode measured after
 128 tokens of context, as the others decode after the prompt) runs when built. `--prompt-tokens 2048` compares
@@ -103,6 +104,26 @@ def run_llmlab(gguf, n_prompt, n_new, mode, sampled=False):
                 decode_rss_mib=hwm_mib() if decode_rss else None)
 
 
+def run_llmlab_lite(gguf, n_prompt, n_new):
+    """`llmlab generate`'s path: the same kernel with no PyTorch in the process (llmlab.engine.native.lite)."""
+    t_start = time.perf_counter()
+    from llmlab.engine.native.lite import LiteModel
+
+    model = LiteModel(gguf)
+    ids = prompt_ids(model.tokenizer, n_prompt)
+    params = model.params(max_new_tokens=n_new, temperature=0, ignore_eos=True)
+    list(model.tokens(ids, model.params(max_new_tokens=4, temperature=0, ignore_eos=True)))  # warm-up
+    start = time.perf_counter() - t_start
+    decode_rss = reset_peak_rss()
+    model.new_cache(n_prompt + n_new)
+    prefill = timed(lambda: model.prefill(ids))
+    total = timed(lambda: list(model.tokens(ids, params)), repeat=2)
+    out = list(model.tokens(ids, params))
+    assert "torch" not in sys.modules
+    return dict(prefill_s=prefill, decode_s=total - prefill, start_s=start, tokens=out,
+                decode_rss_mib=hwm_mib() if decode_rss else None)
+
+
 def run_llmlab_fp32_activations(a):
     """The default path with the native kernel's int8 (decode) and bf16 (prompt) activations off: fp32 throughout
     (decode.cpp reads $LLMLAB_NATIVE_INT8 and $LLMLAB_NATIVE_BF16 at load)."""
@@ -159,6 +180,7 @@ def run_llama_cpp(gguf, n_prompt, n_new):
 
 ENGINES = {
     "llmlab default": lambda a: run_llmlab(a.gguf, a.prompt_tokens, a.new_tokens, "default"),
+    "llmlab lite": lambda a: run_llmlab_lite(a.gguf, a.prompt_tokens, a.new_tokens),
     "llmlab exact": lambda a: run_llmlab(a.gguf, a.prompt_tokens, a.new_tokens, "exact"),
     "llmlab default fp32 activations": run_llmlab_fp32_activations,  # A/B for the int8 kernels (not by default)
     "llmlab default sampled": lambda a: run_llmlab(a.gguf, a.prompt_tokens, a.new_tokens, "default", sampled=True),
@@ -167,7 +189,7 @@ ENGINES = {
     "llama-bench": lambda a: run_llama_bench(a.gguf, a.prompt_tokens, a.new_tokens, a.threads),
     "llama-cpp-python Q4_1": lambda a: run_llama_cpp(a.gguf, a.prompt_tokens, a.new_tokens),
 }
-DEFAULT_ENGINES = "llmlab default,llmlab exact,llmlab int4 compiled,transformers fp32,llama-bench"
+DEFAULT_ENGINES = "llmlab default,llmlab lite,llmlab exact,llmlab int4 compiled,transformers fp32,llama-bench"
 
 
 def available(name: str) -> bool:
@@ -268,7 +290,7 @@ def main():
     if llmlab_rows:
         best = max(llmlab_rows, key=lambda k: llmlab_rows[k]["decode_tok_s"])
         ratios["llmlab best"] = best
-        for name in dict.fromkeys(["llmlab default", best]):
+        for name in dict.fromkeys(["llmlab default", "llmlab lite", best]):
             ours = table.get(name)
             if ours and ref:
                 ratios[f"{name}: decode vs llama-bench"] = ours["decode_tok_s"] / ref["decode_tok_s"]

@@ -2,7 +2,8 @@
 
     python benchmarks/memory.py [--prompt-tokens 128] [--new-tokens 128] [--threads 1]
 
-One fresh process walks the default path (the native kernel on the GGUF's own Q4_1 weights) and reads
+One fresh process walks the default path (the native kernel on the GGUF's own Q4_1 weights), another the lite path
+(`llmlab generate`'s: the same kernel, no PyTorch in the process, llmlab.engine.native.lite), and each reads
 /proc/self/status after each stage: the interpreter, `import torch`, `import llmlab`, llmlab.load (and its peak while
 loading), a warm-up, then the peak while prefilling and decoding with the peak reset first (decode.py's "RSS at
 decode": the same definition). RSS splits into anonymous memory (heap, tensors) and file pages (shared libraries'
@@ -73,6 +74,53 @@ def walk(gguf: str, n_prompt: int, n_new: int, threads: int) -> dict:
     return {"stages": stages, "held": held}
 
 
+def walk_lite(gguf: str, n_prompt: int, n_new: int, threads: int) -> dict:
+    """The same stages on `llmlab generate`'s path: the same kernel with no PyTorch in the process (native/lite.py)."""
+    stages = [("python", status())]
+    from llmlab.engine.native.lite import LiteModel
+    stages.append(("+ import llmlab's lite runner (numpy, tokenizers, gguf)", status()))
+    reset_peak()
+    model = LiteModel(gguf)
+    stages.append(("+ LiteModel (RSS after; peak while loading)", status()))
+    ids = model.tokenizer.encode(TEXT)[:n_prompt]
+    assert len(ids) == n_prompt, "TEXT too short"
+    list(model.tokens(ids, model.params(max_new_tokens=4, temperature=0, ignore_eos=True)))
+    stages.append(("+ warm-up (prefill, 4 tokens)", status()))
+    reset_peak()
+    list(model.tokens(ids, model.params(max_new_tokens=n_new, temperature=0, ignore_eos=True)))
+    stages.append(("peak while prefilling and decoding", status()))
+    assert "torch" not in sys.modules
+    weights = sum(a.nbytes for a in model.keep if hasattr(a, "nbytes"))
+    kv = sum(a.nbytes for a in model.k + model.v)
+    return {"stages": stages, "held": {"packed weights (own count)": weights / 2**20,
+                                       f"KV cache, {model.cache_len} slots (own count)": kv / 2**20}}
+
+
+WALKS = {"default": walk, "lite": walk_lite}
+
+
+def report(path: str, result: dict, args, peer: float | None) -> None:
+    print(f"\nSmolLM2-135M Q4_1 ({Path(args.gguf).name}), llmlab {path} path, {args.prompt_tokens}-token prompt, "
+          f"{args.new_tokens} new tokens, {args.threads} thread(s), MiB\n")
+    print("| stage | RSS | change | peak (VmHWM) | anonymous | file pages |")
+    print("|---|---:|---:|---:|---:|---:|")
+    before = 0.0
+    for name, s in result["stages"]:
+        print(f"| {name} | {s['VmRSS']:.1f} | {s['VmRSS'] - before:+.1f} | {s['VmHWM']:.1f} | {s['RssAnon']:.1f} | "
+              f"{s['RssFile']:.1f} |")
+        before = s["VmRSS"]
+    print()
+    for name, mib in result["held"].items():
+        print(f"{name}: {mib:.1f} MiB")
+    decode = result["stages"][-1][1]["VmHWM"]
+    floor = result["stages"][1][1]["VmRSS"]
+    print(f"RSS at decode: {decode:.1f} MiB, of which python + {result['stages'][1][0][2:]} {floor:.1f}, "
+          f"above that {decode - floor:.1f}")
+    if peer:
+        print(f"llama-bench peak RSS: {peer:.1f} MiB; llmlab {path} / llama-bench {decode / peer:.2f}x "
+              f"(above the imports alone: {(decode - floor) / peer:.2f}x)")
+
+
 def llama_bench_peak(gguf: str, n_prompt: int, n_new: int, threads: int) -> float | None:
     """llama-bench's peak RSS in MiB (None when it is not built)."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -91,10 +139,10 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--gguf", default=None, help="GGUF file (default: the smollm2 registry model)")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=list(WALKS), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(walk(args.gguf, args.prompt_tokens, args.new_tokens, args.threads)))
+        print("RESULT " + json.dumps(WALKS[args.worker](args.gguf, args.prompt_tokens, args.new_tokens, args.threads)))
         return
     if args.gguf is None:
         from llmlab.checkpoint.registry import resolve
@@ -102,37 +150,19 @@ def main():
     # llama-bench first: RUSAGE_CHILDREN's peak is the largest of all children waited for so far
     peer = llama_bench_peak(args.gguf, args.prompt_tokens, args.new_tokens, args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "LLMLAB_NATIVE_THREADS": str(args.threads)}
-    cmd = [sys.executable, __file__, "--worker", "--gguf", args.gguf, "--threads", str(args.threads),
-           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
-        raise SystemExit(f"the worker failed:\n{done.stderr[-2000:]}")
-    result = json.loads(line[7:])
-    result["llama_bench_peak_rss_mib"] = peer
-
-    print(f"\nSmolLM2-135M Q4_1 ({Path(args.gguf).name}), llmlab default path, {args.prompt_tokens}-token prompt, "
-          f"{args.new_tokens} new tokens, {args.threads} thread(s), MiB\n")
-    print("| stage | RSS | change | peak (VmHWM) | anonymous | file pages |")
-    print("|---|---:|---:|---:|---:|---:|")
-    before = 0.0
-    for name, s in result["stages"]:
-        print(f"| {name} | {s['VmRSS']:.1f} | {s['VmRSS'] - before:+.1f} | {s['VmHWM']:.1f} | {s['RssAnon']:.1f} | "
-              f"{s['RssFile']:.1f} |")
-        before = s["VmRSS"]
-    print()
-    for name, mib in result["held"].items():
-        print(f"{name}: {mib:.1f} MiB")
-    decode = result["stages"][-1][1]["VmHWM"]
-    torch_floor = result["stages"][1][1]["VmRSS"]
-    print(f"RSS at decode: {decode:.1f} MiB, of which python + torch {torch_floor:.1f}, "
-          f"above that {decode - torch_floor:.1f}")
-    if peer:
-        print(f"llama-bench peak RSS: {peer:.1f} MiB; llmlab / llama-bench {decode / peer:.2f}x "
-              f"(above the torch floor alone: {(decode - torch_floor) / peer:.2f}x)")
+    results = {"llama_bench_peak_rss_mib": peer}
+    for path in WALKS:  # each in a fresh process
+        cmd = [sys.executable, __file__, "--worker", path, "--gguf", args.gguf, "--threads", str(args.threads),
+               "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"the {path} worker failed:\n{done.stderr[-2000:]}")
+        results[path] = json.loads(line[7:])
+        report(path, results[path], args, peer)
     RESULTS.parent.mkdir(exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**result, **vars(args)}, indent=2) + "\n")
+    tmp.write_text(json.dumps({**results, **vars(args)}, indent=2) + "\n")
     os.replace(tmp, RESULTS)
     print(f"\nwritten {RESULTS}")
 

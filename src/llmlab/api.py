@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -15,6 +14,7 @@ from llmlab.checkpoint.hf import parse_dtype
 from llmlab.checkpoint.load import load_checkpoint
 from llmlab.checkpoint.registry import DEFAULT_MODEL
 from llmlab.engine import Engine, SamplingParams
+from llmlab.engine.native.library import return_freed_memory
 from llmlab.errors import LLMLabError
 from llmlab.tokenizer import Tokenizer
 
@@ -38,11 +38,7 @@ class LLM:
     def prompt_ids(self, prompt: str | list[dict], raw: bool = False) -> list[int]:
         """Token ids for a prompt: a chat (list of messages) or a user message rendered with the chat template,
         or the text as is when raw=True or the checkpoint has no template."""
-        if isinstance(prompt, str) and (raw or not self.tokenizer.chat_template):
-            return self.tokenizer.encode(prompt, add_special_tokens=True)
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.tokenizer.encode(text)
+        return self.tokenizer.prompt_ids(prompt, raw)
 
     def params(self, **options) -> SamplingParams:
         """SamplingParams from keyword options over the model's sampling defaults (None means the default)."""
@@ -184,20 +180,6 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, dtype=None, compile: bool = F
     llm = LLM(model, tokenizer, path, compile=compile, native_step=native_step)
     return_freed_memory()
     return llm
-
-
-def return_freed_memory() -> None:
-    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
-
-    Loading frees its temporaries (file blocks, re-laid weights, the tokenizer's build) in between the weights it
-    keeps; glibc keeps such holes resident. Measured on SmolLM2's GGUF: 15 MiB less after loading, 7 MiB less at
-    decode (benchmarks/memory.py), for a few milliseconds.
-    """
-    try:
-        trim = ctypes.CDLL(None).malloc_trim  # the C library this process already uses
-    except (OSError, AttributeError):  # not glibc
-        return
-    trim(0)
 
 
 def parse_context_options(rope_scaling, self_extend) -> tuple | None:

@@ -15,12 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmlab.checkpoint.gguf import LLAMA3_SPLIT, QWEN2_SPLIT, TENSOR_NAMES
+from llmlab.checkpoint.gguf_meta import EXPORT_TYPES, LLAMA3_SPLIT, QWEN2_SPLIT, TENSOR_NAMES
 from llmlab.errors import LLMLabError
 from llmlab.io import fsync_dir, new_temp_dir
 from llmlab.model.config import ModelConfig
-
-EXPORT_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 
 # llmlab (= HF Llama) name -> llama.cpp name: the import table read backwards, so the two can never disagree
 GGUF_NAMES = {ours: theirs for theirs, ours in TENSOR_NAMES.items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmlab.checkpoint.hf import PICKLE_SUFFIXES, load_hf_dir, parse_dtype, refuse_pickle
-from llmlab.checkpoint.registry import DEFAULT_MODEL, resolve
+from llmlab.checkpoint.registry import DEFAULT_MODEL, SAMPLING_KEYS, generation_defaults, resolve  # noqa: F401
 from llmlab.errors import LLMLabError
 from llmlab.tokenizer import Tokenizer
 
@@ -40,26 +40,3 @@ def load_with_adapter(base: str | Path, adapter: str | Path, merge: bool = False
     if merge:
         merge_lora(model)
     return model.eval(), tokenizer, path
-
-
-# generation_config.json fields that set sampling defaults (as vLLM's generation_config="auto" reads them)
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
-def generation_defaults(path: Path) -> dict:
-    """Sampling defaults declared with a checkpoint: its generation_config.json (for a .gguf file, one beside
-    it, or the registry's entry for a pulled model). Only the keys in SAMPLING_KEYS; {} when none is declared."""
-    from llmlab.checkpoint.registry import declared_generation_config
-    path = Path(path)
-    file = (path if path.is_dir() else path.parent) / "generation_config.json"
-    if file.is_file():
-        import json
-        try:
-            config = json.loads(file.read_text())
-        except (OSError, ValueError) as e:
-            raise LLMLabError(f"{file} is not valid JSON: {e}") from None
-    else:
-        config = declared_generation_config(path)
-    if not isinstance(config, dict):
-        raise LLMLabError(f"{file} must hold a JSON object")
-    return {k: config[k] for k in SAMPLING_KEYS if config.get(k) is not None}

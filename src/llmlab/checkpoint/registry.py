@@ -7,6 +7,7 @@ GGUF out of it into the cache atomically, so an interrupted pull never leaves a 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -184,3 +185,24 @@ def resolve(name_or_path: str | os.PathLike, pull_if_missing: bool = True) -> Pa
     if looks_like_path:
         raise LLMLabError(f"no such file or directory: {text}")
     raise _unknown(text)
+
+
+# generation_config.json fields that set sampling defaults (as vLLM's generation_config="auto" reads them)
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_defaults(path: Path) -> dict:
+    """Sampling defaults declared with a checkpoint: its generation_config.json (for a .gguf file, one beside
+    it, or the registry's entry for a pulled model). Only the keys in SAMPLING_KEYS; {} when none is declared."""
+    path = Path(path)
+    file = (path if path.is_dir() else path.parent) / "generation_config.json"
+    if file.is_file():
+        try:
+            config = json.loads(file.read_text())
+        except (OSError, ValueError) as e:
+            raise LLMLabError(f"{file} is not valid JSON: {e}") from None
+    else:
+        config = declared_generation_config(path)
+    if not isinstance(config, dict):
+        raise LLMLabError(f"{file} must hold a JSON object")
+    return {k: config[k] for k in SAMPLING_KEYS if config.get(k) is not None}

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from llmlab.checkpoint.gguf_export import EXPORT_TYPES, export_checkpoint
+from llmlab.checkpoint.gguf_meta import EXPORT_TYPES  # (the exporter itself imports torch: in cmd_export_gguf)
 
 
 def cmd_export_gguf(args) -> int:
+    from llmlab.checkpoint.gguf_export import export_checkpoint
     path = export_checkpoint(args.checkpoint, args.out, args.type)
     print(path)
     return 0

@@ -99,10 +99,35 @@ def cmd_generate(args) -> int:
         return 0
     if args.speculate:
         return speculative_generate(args, prompt)
-    client = client_from_args(args)
+    client = (None if watermark else lite_client(args)) or client_from_args(args)
     install_watermark(client, watermark)
     write_stream(client.stream(prompt, params, chat=not args.raw))
     return 0
+
+
+def lite_client(args):
+    """The default path of `llmlab generate` and `llmlab chat` on a GGUF the native kernel reads as it is: the same
+    kernel, the same tokens, in a process that never imports PyTorch (llmlab.engine.native.lite: ~210 MiB and ~2 s
+    less). None when an option needs the PyTorch path (an endpoint, --exact/--int4/--compile/--dtype, context options,
+    a repetition penalty, a seed it cannot take), the model is not such a file, or $LLMLAB_LITE=0: then the PyTorch
+    path runs."""
+    from llmlab.checkpoint.registry import resolve
+    from llmlab.client.lite import LiteClient
+    from llmlab.engine.native.lite import SEEDS, LiteModel
+    needs_torch = (args.endpoint or args.exact or args.int4 or args.compile or args.dtype not in (None, "float32")
+                   or args.rope_scaling or args.self_extend or args.repetition_penalty not in (None, 1.0)
+                   or (args.seed is not None and not 0 <= args.seed < SEEDS) or os.environ.get("LLMLAB_LITE") == "0")
+    if needs_torch:
+        return None
+    path = resolve(args.model or "smollm2")
+    if path.suffix != ".gguf":
+        return None
+    try:
+        model = LiteModel(path)
+    except LLMLabError:  # not a file it runs (dense weights, RoPE scaling...): the PyTorch path says what it does
+        return None
+    print(f"llmlab: {model.describe()}", file=sys.stderr)
+    return LiteClient(model)
 
 
 def speculative_generate(args, prompt: str) -> int:
@@ -128,11 +153,11 @@ def cmd_chat(args) -> int:
     from llmlab.client import client_from_args
     params = gen_params(args)
     watermark = watermark_config(args)
-    client = client_from_args(args)
+    client = (None if watermark else lite_client(args)) or client_from_args(args)
     install_watermark(client, watermark)
-    llm = getattr(client, "llm", None)
-    if llm is not None and not llm.tokenizer.chat_template:
-        raise LLMLabError(f"{llm.path} has no chat template; use `llmlab generate --raw` instead")
+    tokenizer = getattr(getattr(client, "llm", client), "tokenizer", None)  # (in-process: LocalClient or LiteClient)
+    if tokenizer is not None and not tokenizer.chat_template:
+        raise LLMLabError(f"{client.name} has no chat template; use `llmlab generate --raw` instead")
     interactive = sys.stdin.isatty()
     if not interactive:
         text = sys.stdin.read()

@@ -34,10 +34,10 @@ def add_watermark_args(p, with_key: bool = True):
 def watermark_config(args, key: str | None = None):
     """The WatermarkConfig the flags ask for (None without a key), checked before any model loads; refuses the
     paths that cannot carry a watermark."""
-    from llmlab.safety.watermark import WatermarkConfig
     key = key if key is not None else getattr(args, "watermark", None)
     if key is None:
         return None
+    from llmlab.safety.watermark import WatermarkConfig  # (torch: only when a watermark is asked for)
     if getattr(args, "endpoint", None):
         raise LLMLabError("--watermark needs an in-process model: an endpoint samples on its own server (start that "
                           "server with `llmlab serve --watermark KEY`)")

@@ -8,6 +8,7 @@ import json
 import sys
 
 from llmlab.cli.train import add_train_flags, train_config_from_args
+from llmlab.train.config import RLConfig
 
 # finetuning defaults differ from pretraining ones: few steps, small learning rate, short warmup
 FINETUNE_DEFAULTS = dict(lr=2e-5, min_lr=2e-6, warmup_steps=10, max_steps=200, seq_len=512, micro_batch=4,
@@ -90,7 +91,7 @@ def cmd_dpo(args) -> int:
 
 
 def cmd_rl(args) -> int:
-    from llmlab.train.rl import RLConfig, rl
+    from llmlab.train.rl import rl
     cfg = RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
     result = rl(args.model, cfg, task=args.task, n_prompts=args.prompts, n_eval=args.eval_prompts,
                 reward_model_path=args.reward_model, lora=lora_from_args(args), resume=args.resume)
@@ -148,7 +149,7 @@ def add_commands(subparsers):
     p.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts (another seed)")
     p.add_argument("--reward-model", help="reward model directory (default: the task's verifiable reward)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
-    for f in dataclasses.fields(__import__("llmlab.train.rl", fromlist=["RLConfig"]).RLConfig):
+    for f in dataclasses.fields(RLConfig):  # llmlab.train.config's: llmlab.train.rl imports torch
         kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
     add_lora_flags(p)

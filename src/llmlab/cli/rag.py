@@ -6,6 +6,14 @@ import json
 
 from llmlab.errors import LLMLabError
 
+# llmlab.rag's search methods, rerank scorers and embedding model, named here so that building the parser does not
+# import llmlab.rag.index (its embedder imports torch); the library refuses anything else, and
+# tests/test_cli_startup.py checks that these agree with llmlab.rag.index.METHODS, llmlab.rag.answer.RERANK_SCORERS
+# and llmlab.rag.embed.DEFAULT_EMBEDDING_MODEL
+SEARCH_METHODS = ("bm25", "dense", "hybrid")
+RERANK_SCORERS = ("yes", "question")
+DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+
 
 def _index(args) -> int:
     from llmlab.rag.index import build_index
@@ -98,10 +106,7 @@ def _evalset(args) -> int:
 
 def add_commands(subparsers) -> None:
     from llmlab.client import add_client_args
-    from llmlab.rag.answer import RERANK_SCORERS
     from llmlab.rag.chunk import CHUNK_MODES
-    from llmlab.rag.embed import DEFAULT_EMBEDDING_MODEL
-    from llmlab.rag.index import METHODS
 
     rag = subparsers.add_parser("rag", help="retrieval: index documents, search them, answer with citations")
     sub = rag.add_subparsers(dest="rag_command", required=True, metavar="COMMAND")
@@ -118,7 +123,7 @@ def add_commands(subparsers) -> None:
 
     def add_search_args(p, k):
         p.add_argument("-k", type=int, default=k, help="passages to return")
-        p.add_argument("--method", choices=METHODS, default="hybrid", help="hybrid = BM25 + dense, fused by RRF")
+        p.add_argument("--method", choices=SEARCH_METHODS, default="hybrid", help="hybrid = BM25 + dense, fused by RRF")
         p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("search", help="the best chunks for a query")
@@ -152,7 +157,7 @@ def add_commands(subparsers) -> None:
                         "correctness, faithfulness to the passages (judged by the model) and the judge's reliability")
     p.add_argument("--n-answers", type=int, default=None, metavar="N", help="answer only the first N questions")
     p.add_argument("--answer-k", type=int, default=4, help="passages shown to the model per answer")
-    p.add_argument("--answer-method", choices=METHODS, default="hybrid", help="retrieval for the answers")
+    p.add_argument("--answer-method", choices=SEARCH_METHODS, default="hybrid", help="retrieval for the answers")
     p.add_argument("--max-tokens", type=int, default=64, help="most tokens per answer")
     add_client_args(p)
     add_client_args(p, prefix="judge")  # the faithfulness judge (default: the answering model)

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from llmlab.client.base import GenParams, Generation, LogLik, ModelClient
 from llmlab.client.endpoint import EndpointClient
+from llmlab.client.lite import LiteClient
 from llmlab.client.local import LocalClient
 from llmlab.errors import LLMLabError
 
-__all__ = ["EndpointClient", "GenParams", "Generation", "LocalClient", "LogLik", "ModelClient", "add_client_args",
+__all__ = ["EndpointClient", "GenParams", "Generation", "LiteClient", "LocalClient", "LogLik", "ModelClient", "add_client_args",
            "add_context_args", "as_client", "client_from_args", "connect"]
 
 

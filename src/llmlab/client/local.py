@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import torch
-
 from llmlab.client.base import GenParams, Generation, LogLik, chat_messages
-from llmlab.engine.scoring import token_logprobs
 from llmlab.errors import LLMLabError
 
 
 class LocalClient:
     """An llmlab LLM (llmlab.load) behind the ModelClient protocol.
+
+    torch and the engine are imported where they are used, not with this module: `from llmlab.client import ...`
+    stays cheap for the CLI and for programs that only talk to an endpoint.
 
     Scoring groups pairs that share a context (the choices of one question): the context runs once into a KV
     cache and every continuation is scored from there; contexts of several questions run in one padded batch.
@@ -170,6 +170,7 @@ class LocalClient:
 
     def score_tokens(self, encoded: list[tuple[list[int], list[int]]]) -> list[LogLik]:
         """log P(continuation | context) for token-id pairs that fit the window, batched by shared context."""
+        import torch
         groups: dict[tuple, list[int]] = {}
         for i, (ctx, _) in enumerate(encoded):
             groups.setdefault(tuple(ctx), []).append(i)
@@ -208,6 +209,9 @@ class LocalClient:
         Padding is harmless: a row's padding lands in cache slots after its real tokens, and each
         continuation overwrites those slots before attending to them (a query sees only slots <= its position).
         """
+        import torch
+
+        from llmlab.engine.scoring import token_logprobs
         engine = self.llm.engine
         dev = engine.device
         ctx_len = [len(ctx) for ctx, _ in jobs]

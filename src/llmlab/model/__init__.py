@@ -1,6 +1,13 @@
 """The transformer and its configuration."""
 
 from llmlab.model.config import ConfigError, ModelConfig
-from llmlab.model.transformer import KVCache, Transformer
 
 __all__ = ["ConfigError", "KVCache", "ModelConfig", "Transformer"]
+
+
+def __getattr__(name):
+    # the PyTorch half is imported on first use: reading a config (llmlab.engine.native.lite) never loads PyTorch
+    if name in ("KVCache", "Transformer"):
+        from llmlab.model import transformer
+        return getattr(transformer, name)
+    raise AttributeError(f"module 'llmlab.model' has no attribute {name!r}")

@@ -119,6 +119,14 @@ class Tokenizer:
 
     # ---- chat --------------------------------------------------------------------
 
+    def prompt_ids(self, prompt: str | list[dict], raw: bool = False) -> list[int]:
+        """Token ids for a prompt: a chat (list of messages) or a user message rendered with the chat template,
+        or the text as is when raw=True or there is no template."""
+        if isinstance(prompt, str) and (raw or not self.chat_template):
+            return self.encode(prompt, add_special_tokens=True)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt=True))
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """Render a conversation with the model's Jinja2 chat template, exactly as transformers does."""
         if not self.chat_template:

@@ -34,66 +34,9 @@ from llmlab.errors import LLMLabError
 from llmlab.train import distributed as D
 from llmlab.train.chat_data import render_prompt, render_reply
 from llmlab.train.ckpt import read_latest_name
-from llmlab.train.config import TrainConfig
+from llmlab.train.config import RLConfig, TrainConfig  # noqa: F401 (RLConfig: imported from here too)
 from llmlab.train.loop import Objective, train
 from llmlab.train.metrics import MetricsLog, read_metrics
-
-
-@dataclass
-class RLConfig:
-    algo: str = "grpo"  # "grpo" | "ppo"
-    out_dir: str = "out_rl"
-    steps: int = 50  # rollouts
-    prompts_per_step: int = 8
-    group_size: int = 4  # replies sampled per prompt
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    lr: float = 1e-5
-    min_lr: float = 1e-6
-    warmup_steps: int = 0  # in rollouts
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    kl_coef: float = 0.04  # beta: weight of the KL to the reference
-    clip_eps: float = 0.2  # PPO's ratio clip
-    update_epochs: int = 1  # passes over each rollout
-    minibatch: int = 8  # sequences per gradient step of an update
-    gamma: float = 1.0  # PPO discount
-    lam: float = 0.95  # PPO GAE lambda
-    vf_coef: float = 0.1  # PPO value loss weight
-    seed: int = 0
-    threads: int = 0
-    eval_every: int = 0  # in rollouts; 0: only before and after
-    save_every: int = 10  # checkpoint every N rollouts (0: only at the end and on Ctrl-C)
-    keep_last: int = 1  # checkpoints kept
-
-    def validate(self):
-        if self.algo not in ("grpo", "ppo"):
-            raise LLMLabError(f"unknown RL algorithm {self.algo!r} (grpo or ppo)")
-        if self.algo == "grpo" and self.group_size < 2:
-            raise LLMLabError("GRPO needs group_size >= 2 (advantages are relative within a group)")
-        for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "update_epochs", "minibatch"):
-            if getattr(self, name) < 1:
-                raise LLMLabError(f"{name} must be at least 1, got {getattr(self, name)}")
-        return self
-
-    @property
-    def updates_per_rollout(self) -> int:
-        sequences = self.prompts_per_step * self.group_size
-        return self.update_epochs * -(-sequences // self.minibatch)
-
-    def train_config(self) -> TrainConfig:
-        """The loop's settings: counts of rollouts become counts of optimizer updates. Weights stay fp32 without
-        autocast, because PPO's ratios live on small differences of log-probabilities."""
-        n = self.updates_per_rollout
-        return TrainConfig(out_dir=self.out_dir, seed=self.seed, seq_len=self.max_new_tokens,
-                           micro_batch=self.minibatch, max_steps=self.steps * n, lr=self.lr, min_lr=self.min_lr,
-                           warmup_steps=self.warmup_steps * n, weight_decay=self.weight_decay,
-                           grad_clip=self.grad_clip, dtype="float32", threads=self.threads,
-                           eval_every=self.eval_every * n, save_every=self.save_every * n, keep_last=self.keep_last,
-                           progress=False)
-
-
-# ---- forward helpers -------------------------------------------------------------------------------------
 
 
 class ValueHead(nn.Module):

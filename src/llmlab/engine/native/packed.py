@@ -20,20 +20,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from llmlab.checkpoint.gguf import LAYER, dequantize, open_gguf, read_config, tensor_names, unpermute_rope
 from llmlab.checkpoint.gguf import tokenizer_from_gguf
 from llmlab.checkpoint.hf import build_model, parse_dtype, read_safetensors, safetensors_files, write_checkpoint_dir
-from llmlab.engine.native import NativeEmbedding, NativeLinear, Packed, unsupported_config
+from llmlab.engine.native.decoder import NativeEmbedding, NativeLinear, Packed
+from llmlab.engine.native.layout import EXACT_TYPES, split_blocks
+from llmlab.engine.native.library import unsupported_config
 from llmlab.errors import LLMLabError
 from llmlab.model.config import ModelConfig
 from llmlab.model.quant import pack_groups, unpack_groups
 from llmlab.model.transformer import Transformer, rope_inv_freq
 
 QUANT_METHOD = "llmlab"
-EXACT_TYPES = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
 DENSE_TYPES = {"F32", "F16", "BF16"}
 
 
@@ -56,23 +56,14 @@ def build_packed_model(cfg: ModelConfig, dense: dict[str, torch.Tensor], packed:
 
 
 def gguf_groups(tensor, bits_if_converted: int) -> tuple[tuple, int, bool]:
-    """((q, d, m) in GGUF's row order, bits, exact?) for one GGUF weight: Q4_0/Q4_1/Q8_0 blocks split as they are,
-    others re-packed."""
+    """((q, d, m) in GGUF's row order, bits, exact?) for one GGUF weight: Q4_0/Q4_1/Q8_0 blocks split as they are
+    (layout.split_blocks), others re-packed."""
     kind = tensor.tensor_type.name
     out_features, in_features = (int(n) for n in reversed(tensor.shape))
     if kind not in EXACT_TYPES:
         return pack_groups(dequantize(tensor), bits_if_converted), bits_if_converted, False
-    groups = in_features // 32
-    block = torch.from_numpy(np.asarray(tensor.data, dtype=np.uint8)).reshape(out_features, groups, -1)
-    d = block[..., 0:2].contiguous().view(torch.float16).reshape(out_features, groups)
-    if kind == "Q4_1":
-        m = block[..., 2:4].contiguous().view(torch.float16).reshape(out_features, groups)
-        q = block[..., 4:]
-    elif kind == "Q4_0":
-        m, q = -8 * d, block[..., 2:]
-    else:  # Q8_0: signed bytes s, stored as s + 128, which is the byte with its top bit flipped (no int16 copies)
-        m, q = -128 * d, block[..., 2:] ^ 128
-    return (q.reshape(out_features, -1).contiguous(), d, m), EXACT_TYPES[kind], True
+    groups = split_blocks(kind, tensor.data, out_features, in_features)
+    return tuple(torch.from_numpy(t) for t in groups), EXACT_TYPES[kind], True
 
 
 def load_gguf_packed(path: str | Path):

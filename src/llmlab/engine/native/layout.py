@@ -1,0 +1,49 @@
+"""decode.cpp's weight layout in numpy: GGUF's Q4_0/Q4_1/Q8_0 blocks split into (q, d, m), and the kernel's tiles
+of 16 output rows. No PyTorch: the lite runner packs a GGUF with it, and decoder.Packed wraps it for tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+
+TILE = 16  # output rows per tile of the kernel's layout (decode.cpp)
+EXACT_TYPES = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # GGUF block types the kernel reads as they are: type -> bits
+
+
+def split_blocks(kind: str, raw: np.ndarray, out_features: int, in_features: int):
+    """(q, d, m) of a Q4_0/Q4_1/Q8_0 tensor's bytes, in GGUF's row order: q (out, bytes) uint8, d and m (out, groups)
+    fp16, weight = d * q + m per group of 32. Q4_1 blocks split as they are; Q4_0 is d(q - 8), so m = -8d; Q8_0 is
+    d·s with s signed, stored here as s + 128 (the byte with its top bit flipped), so m = -128d."""
+    groups = in_features // 32
+    block = np.asarray(raw, dtype=np.uint8).reshape(out_features, groups, -1)
+    d = np.ascontiguousarray(block[..., 0:2]).view(np.float16).reshape(out_features, groups)
+    if kind == "Q4_1":
+        m = np.ascontiguousarray(block[..., 2:4]).view(np.float16).reshape(out_features, groups)
+        q = block[..., 4:]
+    elif kind == "Q4_0":
+        m, q = -8 * d, block[..., 2:]
+    elif kind == "Q8_0":
+        m, q = -128 * d, block[..., 2:] ^ 128
+    else:
+        raise ValueError(f"not a block type the kernel reads as it is: {kind}")
+    return np.ascontiguousarray(q.reshape(out_features, -1)), d, m
+
+
+def to_tiles(q: np.ndarray, d: np.ndarray, m: np.ndarray):
+    """GGUF's row order (q (out, bytes), d, m (out, groups)) -> decode.cpp's tiles of 16 rows, the last padded
+    with zero rows: per tile and group, steps of 16 lanes x 4 bytes (lane = row), then 16 d and 16 m."""
+    out, groups = d.shape
+    pad = -out % TILE
+    if pad:
+        q, d, m = (np.concatenate([t, np.zeros((pad, t.shape[1]), t.dtype)]) for t in (q, d, m))
+    tiles, steps = (out + pad) // TILE, q.shape[1] // groups // 4
+    q = np.ascontiguousarray(q.reshape(tiles, TILE, groups, steps, 4).transpose(0, 2, 3, 1, 4))
+    d, m = (np.ascontiguousarray(t.reshape(tiles, TILE, groups).transpose(0, 2, 1)) for t in (d, m))
+    return q, d, m
+
+
+def from_tiles(q: np.ndarray, d: np.ndarray, m: np.ndarray, out: int):
+    """The inverse of to_tiles: (q, d, m) in GGUF's row order."""
+    tiles, groups = d.shape[:2]
+    q = q.transpose(0, 3, 1, 2, 4).reshape(tiles * TILE, -1)[:out]
+    d, m = (t.transpose(0, 2, 1).reshape(tiles * TILE, groups)[:out] for t in (d, m))
+    return np.ascontiguousarray(q), np.ascontiguousarray(d), np.ascontiguousarray(m)

@@ -1,0 +1,247 @@
+"""A quantized GGUF run with no PyTorch in the process: `llmlab generate`'s default path for a llama GGUF whose
+projections the native kernel reads as they are (Q4_0, Q4_1, Q8_0).
+
+The weights and the KV cache are numpy arrays in decode.cpp's layout, and every step and every sample is decode.cpp's
+(llmlab_step, llmlab_sample), called as llmlab.load's native path calls them: the same prompt chunks, the same
+greedy tokens, and for a seed the same samples (the uniforms come from the Mersenne Twister stream PyTorch's CPU
+generator draws for that seed). What it saves is PyTorch itself: `import torch` alone holds ~210 MiB and takes ~2 s,
+more than SmolLM2-135M's 4-bit weights. What it cannot honour (a repetition penalty, logprobs, constraints, RoPE
+scaling) it refuses, and the command takes the PyTorch path instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from llmlab.checkpoint.gguf_meta import dequantize_array, open_gguf, read_config, tensor_names, tokenizer_from_gguf
+from llmlab.checkpoint.gguf_meta import unpermute_rope
+from llmlab.checkpoint.registry import generation_defaults
+from llmlab.engine.detokenize import IncrementalText
+from llmlab.engine.native.layout import EXACT_TYPES, split_blocks, to_tiles
+from llmlab.engine.native.library import (PROMPT_KINDS, ModelDesc, QMat, half_kv_cache, load_library, prefill_calls,
+                                          return_freed_memory, simd, threads, unsupported_config)
+from llmlab.engine.params import SamplingParams
+from llmlab.errors import LLMLabError
+
+CACHE_ROUNDING = 64  # KV cache lengths are rounded up to this (as the Engine's)
+SEEDS = 2 ** 32  # seeds PyTorch's generator and numpy's legacy MT19937 both take whole (others: the PyTorch path)
+ATTN = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo"}
+MLP = {"gate_proj": "wgate", "up_proj": "wup", "down_proj": "wdown"}
+
+
+def unsupported(reader, cfg) -> str | None:
+    """Why the lite runner cannot run this GGUF (None when it can)."""
+    reason = unsupported_config(cfg)
+    if reason:
+        return reason
+    if cfg.rope_scaling:
+        return "the lite runner computes plain RoPE frequencies (this file declares a scaling)"
+    head = "output.weight" if not cfg.tie_embeddings else "token_embd.weight"
+    for t in reader.tensors:
+        projection = t.name.endswith(("_q.weight", "_k.weight", "_v.weight", "_output.weight", "_gate.weight",
+                                      "_up.weight", "_down.weight")) and t.name.startswith("blk.")
+        if (projection or t.name == head) and t.tensor_type.name not in EXACT_TYPES:
+            return f"{t.name} is {t.tensor_type.name}; the lite runner reads {'/'.join(EXACT_TYPES)} weights as they are"
+    return None
+
+
+class MersenneUniforms:
+    """float64 uniforms in [0, 1) equal to `torch.rand(1, dtype=torch.float64, generator=g)` for g seeded with the
+    same seed: PyTorch's CPU generator is MT19937 seeded as numpy's legacy RandomState is, and makes a double of
+    53 bits of two 32-bit draws (high word first)."""
+
+    def __init__(self, seed: int | None):
+        self.state = np.random.RandomState(seed)
+
+    def next(self) -> float:
+        high, low = (int(x) for x in self.state.randint(0, 2 ** 32, size=2, dtype=np.uint64))
+        return (((high << 32) | low) & ((1 << 53) - 1)) * 2.0 ** -53
+
+
+class LiteModel:
+    """A GGUF's weights packed for decode.cpp, its tokenizer, and a batch-1 KV cache: the whole model, in numpy."""
+
+    def __init__(self, path: str | Path):
+        self.lib = load_library()
+        if self.lib is None:
+            raise LLMLabError("the native decode kernel could not be built (see the line above)")
+        self.path = Path(path)
+        reader = open_gguf(path, lean=True)
+        cfg = self.config = read_config(reader, path)
+        reason = unsupported(reader, cfg)
+        if reason:
+            raise LLMLabError(f"{path}: {reason}")
+        self.tokenizer = tokenizer_from_gguf(reader)
+        reader.fields.clear()  # its 100k vocabulary strings, built into the tokenizer: 14 MiB, freed before the weights
+        self.sampling_defaults = generation_defaults(self.path)
+        self.context_len, self.vocab = cfg.max_seq_len, cfg.vocab_size
+        self.keep = []  # every array the C++ side points into
+        packed, dense, kinds = {}, {}, set()
+        for tensor in reader.tensors:
+            key, name = tensor_names(tensor, path)
+            rope_rows = (cfg.n_heads if ".attn_q." in key else cfg.n_kv_heads) if key.startswith(
+                ("blk.{}.attn_q.", "blk.{}.attn_k.")) else 0
+            kind = tensor.tensor_type.name
+            if kind in EXACT_TYPES:
+                out_features, in_features = (int(n) for n in reversed(tensor.shape))
+                groups = split_blocks(kind, tensor.data, out_features, in_features)
+                if rope_rows:  # undo llama.cpp's Q/K row permutation, as the PyTorch import does
+                    groups = [unpermute_rope(t, rope_rows) for t in groups]
+                packed[name.removesuffix(".weight")] = (*to_tiles(*groups), out_features, in_features,
+                                                        EXACT_TYPES[kind])
+                kinds.add(kind)
+            else:
+                w = dequantize_array(tensor)
+                dense[name] = np.ascontiguousarray(unpermute_rope(w, rope_rows) if rope_rows else w)
+        self.weights = f"the file's own {'/'.join(sorted(kinds))} weights (exact)"
+        self.desc = self._describe(cfg, packed, dense)
+        self.half = int(half_kv_cache())
+        self.cache_len, self.finish_reason, self.sampled = 0, None, 0
+        return_freed_memory()  # the file's blocks and the tokenizer's build, freed between the weights kept
+
+    def _qmats(self, packed, dense, names) -> ctypes.POINTER(QMat):
+        """A C array of QMats (one per name) pointing into packed tiles, with their biases."""
+        mats = []
+        for name in names:
+            q, d, m, out_features, in_features, bits = packed[name]
+            bias = dense.get(f"{name}.bias")
+            self.keep += [q, d, m, bias]
+            mats.append(QMat(q.ctypes.data, d.ctypes.data, m.ctypes.data, None if bias is None else bias.ctypes.data,
+                             out_features, in_features, bits))
+        array = (QMat * len(mats))(*mats)
+        self.keep.append(array)
+        return ctypes.cast(array, ctypes.POINTER(QMat))
+
+    def _pointers(self, arrays) -> ctypes.c_void_p:
+        arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in arrays]
+        table = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+        self.keep.append((arrays, table))
+        return ctypes.cast(table, ctypes.c_void_p)
+
+    def _describe(self, cfg, packed, dense) -> ModelDesc:
+        layers = range(cfg.n_layers)
+        hd = cfg.head_dim
+        # fp32 as PyTorch's rope_inv_freq makes them (the power rounded once, from float64: equal for SmolLM2)
+        exponents = np.arange(0, hd, 2).astype(np.float32) / np.float32(hd)
+        inv_freq = np.float32(1.0) / (np.float64(cfg.rope_theta) ** exponents.astype(np.float64)).astype(np.float32)
+        norm_final = dense["model.norm.weight"].astype(np.float32)
+        head = self._qmats(packed, dense, ["lm_head" if "lm_head" in packed else "model.embed_tokens"])
+        embed = dense.get("model.embed_tokens.weight")  # an untied embedding stored dense
+        embed_q = None if embed is not None else (
+            head if cfg.tie_embeddings else self._qmats(packed, dense, ["model.embed_tokens"]))
+        self.keep += [inv_freq, norm_final, embed]
+        return ModelDesc(
+            cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, hd, cfg.hidden_dim, cfg.vocab_size, cfg.norm_eps,
+            None if embed is None else embed.ctypes.data, embed_q,
+            self._pointers([dense[f"model.layers.{i}.input_layernorm.weight"] for i in layers]),
+            self._pointers([dense[f"model.layers.{i}.post_attention_layernorm.weight"] for i in layers]),
+            norm_final.ctypes.data, inv_freq.ctypes.data, 1.0,
+            *[self._qmats(packed, dense, [f"model.layers.{i}.self_attn.{p}" for i in layers]) for p in ATTN],
+            *[self._qmats(packed, dense, [f"model.layers.{i}.mlp.{p}" for i in layers]) for p in MLP],
+            head, 0, 0)
+
+    def describe(self) -> str:
+        return (f"native decode kernel ({simd()}, {threads()} threads{', fp16 KV cache' if self.half else ''}) on "
+                f"{self.weights}, without PyTorch; --exact for fp32 eager")
+
+    # ---- the model calls -----------------------------------------------------------------------------------
+
+    def new_cache(self, length: int) -> None:
+        """A batch-1 KV cache of `length` slots (rounded up), as the Engine's: (1, kv_heads, slots, head_dim) per layer."""
+        length = min(self.context_len, -(-length // CACHE_ROUNDING) * CACHE_ROUNDING)
+        cfg = self.config
+        shape = (1, cfg.n_kv_heads, length, cfg.head_dim)
+        dtype = np.float16 if self.half else np.float32
+        self.k = [np.zeros(shape, dtype) for _ in range(cfg.n_layers)]
+        self.v = [np.zeros(shape, dtype) for _ in range(cfg.n_layers)]
+        strides = (ctypes.c_int64 * 3)(*[s // self.k[0].itemsize for s in self.k[0].strides[:3]])
+        self.cache_args = ((ctypes.c_void_p * cfg.n_layers)(*[a.ctypes.data for a in self.k]),
+                           (ctypes.c_void_p * cfg.n_layers)(*[a.ctypes.data for a in self.v]), strides, strides)
+        self.cache_len = length
+
+    def step(self, tokens: list[int], positions: list[int], logit_rows: int = 1, prompt: str | None = None):
+        """Feed tokens at positions (rows of one sequence, cache row 0); the logits of the last logit_rows rows."""
+        if not (0 <= min(positions) and max(positions) < self.cache_len):
+            raise LLMLabError(f"positions must be in [0, {self.cache_len}) (the KV cache's length)")
+        if not (0 <= min(tokens) and max(tokens) < self.vocab):
+            raise LLMLabError(f"token ids must be in [0, {self.vocab})")
+        ids, pos = np.asarray(tokens, np.int64), np.asarray(positions, np.int64)
+        rows = np.zeros(len(tokens), np.int64)
+        logits = np.empty((logit_rows, self.vocab), np.float32)
+        self.lib.omp_set_num_threads(threads())
+        self.lib.llmlab_step(ctypes.byref(self.desc), ids.ctypes.data, pos.ctypes.data, rows.ctypes.data,
+                             len(tokens), *self.cache_args, logits.ctypes.data, logit_rows, PROMPT_KINDS[prompt],
+                             self.half, None)
+        return logits
+
+    def prefill(self, ids: list[int]):
+        """A prompt into the cache, in the calls NativeDecoder.prefill makes; the logits after its last token (1, V)."""
+        for s, e, kind in prefill_calls(len(ids)):
+            logits = self.step(ids[s:e], list(range(s, e)), int(kind == "last"), kind)
+        return logits
+
+    def choose(self, logits, params: SamplingParams, uniforms: MersenneUniforms) -> int:
+        if params.temperature == 0:
+            return int(np.argmax(logits[0]))
+        u = np.array([uniforms.next()])
+        chosen = np.empty(1, np.int64)
+        self.lib.llmlab_sample(logits.ctypes.data, 1, self.vocab, params.temperature, params.top_k, params.top_p,
+                               params.min_p, u.ctypes.data, chosen.ctypes.data)
+        return int(chosen[0])
+
+    # ---- generation ---------------------------------------------------------------------------------------
+
+    def params(self, **options) -> SamplingParams:
+        """SamplingParams from options over the file's sampling defaults (as LLM.params)."""
+        return SamplingParams(**{**self.sampling_defaults, **{k: v for k, v in options.items() if v is not None}})
+
+    def tokens(self, ids: list[int], params: SamplingParams) -> Iterator[int]:
+        """The sampled token ids, until a stop token (not yielded) or the limit: Engine.generate's tokens."""
+        params.validate(self.context_len)
+        refused = [what for what, on in (("a repetition penalty", params.repetition_penalty != 1.0),
+                                         ("logprobs", params.logprobs), ("logits processors", params.logits_processors),
+                                         ("a seed outside [0, 2**32)", params.seed is not None and not 0 <= params.seed < SEEDS))
+                   if on]
+        if refused:
+            raise LLMLabError(f"the lite runner cannot honour {refused[0]}: use the PyTorch path (llmlab.load)")
+        if not ids:
+            raise LLMLabError("prompt is empty: give at least one token (e.g. BOS)")
+        if len(ids) >= self.context_len:
+            raise LLMLabError(f"prompt is {len(ids)} tokens but the model's context window is {self.context_len} "
+                              "tokens, which leaves no room to generate")
+        end = len(ids) + min(params.max_new_tokens, self.context_len - len(ids))
+        stop_ids = frozenset() if params.ignore_eos else frozenset(
+            self.tokenizer.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids)
+        uniforms = MersenneUniforms(params.seed)
+        self.new_cache(end)
+        self.finish_reason, self.sampled = "length", 0  # how the last completion ended, tokens sampled (a stop's too)
+        logits = self.prefill(ids)
+        for pos in range(len(ids), end):
+            token = self.choose(logits, params, uniforms)
+            self.sampled += 1
+            if token in stop_ids:
+                self.finish_reason = "stop"
+                return
+            yield token
+            if pos + 1 < end:
+                logits = self.step([token], [pos])
+
+    def stream(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+        """Text of one completion piece by piece, cut before a stop string: Engine.stream's pieces."""
+        text = IncrementalText(self.tokenizer, [params.stop] if isinstance(params.stop, str) else list(params.stop))
+        for token in self.tokens(ids, params):
+            text.add(token)
+            if text.stopped:
+                self.finish_reason = "stop"
+                break
+            delta = text.take()
+            if delta:
+                yield delta
+        text.close()
+        delta = text.take(final=True)
+        if delta:
+            yield delta
