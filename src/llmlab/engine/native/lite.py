@@ -12,6 +12,7 @@ scaling) it refuses, and the command takes the PyTorch path instead.
 from __future__ import annotations
 
 import ctypes
+import random
 from pathlib import Path
 from typing import Iterator
 
@@ -51,14 +52,20 @@ def unsupported(reader, cfg) -> str | None:
 
 class MersenneUniforms:
     """float64 uniforms in [0, 1) equal to `torch.rand(1, dtype=torch.float64, generator=g)` for g seeded with the
-    same seed: PyTorch's CPU generator is MT19937 seeded as numpy's legacy RandomState is, and makes a double of
-    53 bits of two 32-bit draws (high word first)."""
+    same seed: PyTorch's CPU generator is MT19937 seeded by init_genrand(seed) and makes a double of 53 bits of two
+    32-bit draws (high word first). Python's random.Random is the same MT19937, given that seeded state here (numpy's
+    RandomState would do as well, but importing numpy.random costs 6.7 MiB)."""
 
     def __init__(self, seed: int | None):
-        self.state = np.random.RandomState(seed)
+        self.twister = random.Random()  # seed None: seeded from the OS, as PyTorch's generator.seed()
+        if seed is not None:
+            state = [seed & 0xFFFFFFFF]
+            for i in range(1, 624):  # MT19937's init_genrand
+                state.append((1812433253 * (state[-1] ^ (state[-1] >> 30)) + i) & 0xFFFFFFFF)
+            self.twister.setstate((3, (*state, 624), None))
 
     def next(self) -> float:
-        high, low = (int(x) for x in self.state.randint(0, 2 ** 32, size=2, dtype=np.uint64))
+        high, low = self.twister.getrandbits(32), self.twister.getrandbits(32)
         return (((high << 32) | low) & ((1 << 53) - 1)) * 2.0 ** -53
 
 
@@ -151,8 +158,12 @@ class LiteModel:
     # ---- the model calls -----------------------------------------------------------------------------------
 
     def new_cache(self, length: int) -> None:
-        """A batch-1 KV cache of `length` slots (rounded up), as the Engine's: (1, kv_heads, slots, head_dim) per layer."""
+        """A batch-1 KV cache of at least `length` slots (rounded up, as the Engine's): (1, kv_heads, slots, head_dim)
+        per layer."""
         length = min(self.context_len, -(-length // CACHE_ROUNDING) * CACHE_ROUNDING)
+        if length == self.cache_len:  # reused as it is: a step writes each position before any query reads it
+            return
+        self.k = self.v = None  # the old cache goes before the new one is made (never two alive)
         cfg = self.config
         shape = (1, cfg.n_kv_heads, length, cfg.head_dim)
         dtype = np.float16 if self.half else np.float32
