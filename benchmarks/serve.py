@@ -103,26 +103,43 @@ def measure_here(base: str, model: str, clients: int, requests: int, max_tokens:
 
 def generate_in_process(gguf: str, int4: bool, requests: int, max_tokens: int) -> float:
     """generate_tok_s in a process of its own, as `llmlab generate` runs (in the server's process the two would share
-    libgomp's thread pools, and each slows the other: see llmlab.engine.native.release_thread_pool)."""
+    libgomp's thread pools, and each slows the other: see llmlab.engine.native.release_thread_pool; and it imports no
+    PyTorch)."""
     args = json.dumps([gguf, int4, requests, max_tokens])
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--generate", args], capture_output=True,
                           text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def generate_tok_s(llm, requests: int, max_tokens: int) -> float:
-    """Tokens per second of client 0's requests through llm.engine.generate: same prompts, seeds and options, the
-    model's own defaults (generation_config.json, e.g. SmolLM2's top_p 0.9) under the request's, as the server."""
+def generate_tok_s(gguf: str, int4: bool, requests: int, max_tokens: int) -> float:
+    """Tokens per second of client 0's requests as `llmlab generate` runs them: the lite runner (the native kernel, no
+    PyTorch in the process), or with --int4 llmlab.load's PyTorch path. Same prompts, seeds and options, the model's
+    own defaults (generation_config.json, e.g. SmolLM2's top_p 0.9) under the request's, as the server."""
     from llmlab.engine import SamplingParams
-    options = {**llm.sampling_defaults, "temperature": 0.7}
+    if int4:
+        import llmlab
+        llm = llmlab.load(gguf, int4=True, announce=False)
+        prompt_ids, defaults = llm.prompt_ids, llm.sampling_defaults
+
+        def run(ids, params):
+            return llm.engine.generate([ids], params)[0].completion_tokens
+    else:
+        from llmlab.engine.native.lite import LiteModel
+        model = LiteModel(gguf)
+        prompt_ids, defaults = model.tokenizer.prompt_ids, model.sampling_defaults
+
+        def run(ids, params):
+            list(model.tokens(ids, params))
+            return model.sampled
+    options = {**defaults, "temperature": 0.7}
     tokens, seconds = 0, 0.0
     for i in range(-1, requests):  # (-1: a warm-up, not counted)
-        ids = llm.prompt_ids(PROMPTS[max(i, 0) % len(PROMPTS)])
+        ids = prompt_ids(PROMPTS[max(i, 0) % len(PROMPTS)])
         start = time.perf_counter()
-        out = llm.engine.generate([ids], SamplingParams(max_new_tokens=max_tokens, seed=max(i, 0), **options))
+        sampled = run(ids, SamplingParams(max_new_tokens=max_tokens, seed=max(i, 0), **options))
         if i >= 0:
-            # (completion_tokens counts a stop token, as the server's usage does: both sides count the same tokens)
-            tokens, seconds = tokens + out[0].completion_tokens, seconds + time.perf_counter() - start
+            # (the sampled tokens count a stop token, as the server's usage does: both sides count the same tokens)
+            tokens, seconds = tokens + sampled, seconds + time.perf_counter() - start
     return round(tokens / seconds, 2)
 
 
@@ -269,9 +286,7 @@ def main():
     if args.one_client_rounds < 1:
         parser.error(f"--one-client-rounds must be at least 1, got {args.one_client_rounds}")
     if args.generate:
-        import llmlab
-        gguf, int4, requests, max_tokens = json.loads(args.generate)
-        print(generate_tok_s(llmlab.load(gguf, int4=int4, announce=False), requests, max_tokens))
+        print(generate_tok_s(*json.loads(args.generate)))
         return 0
     levels = [int(x) for x in args.levels.split(",")]
 

@@ -130,7 +130,17 @@ class GGUFFile:
         if kind != 9:
             return self._unpack(SCALARS[kind])
         item, n = self._unpack("<I"), self._unpack("<Q")
-        if item in (8, 9):
+        if item == 8:  # strings, e.g. a vocabulary and its merges (100k): one loop here, not three calls per string
+            mm, pos, out = self._mm, self._pos, []
+            for _ in range(n):
+                size = int.from_bytes(mm[pos:pos + 8], "little")
+                out.append(mm[pos + 8:pos + 8 + size].decode("utf-8"))
+                pos += 8 + size
+            if pos > len(mm):
+                raise Truncated(pos)
+            self._pos = pos
+            return out
+        if item == 9:
             return [self._value(item) for _ in range(n)]
         dtype = np.dtype(SCALARS[item])
         start = self._need(n * dtype.itemsize)

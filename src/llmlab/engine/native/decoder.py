@@ -25,6 +25,7 @@ ATTN_NAMES, MLP_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", 
 MAX_NATIVE_ROWS = 8  # a NativeLinear call of more rows dequantizes and uses PyTorch's matmul
 DEQUANT_ROWS = 4096  # output rows dequantized at a time for a NativeLinear call of many rows
 
+
 def to_tiles(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
     """layout.to_tiles for CPU tensors (GGUF's row order -> decode.cpp's tiles of 16 rows)."""
     return tuple(torch.from_numpy(t) for t in layout.to_tiles(q.numpy(), d.numpy(), m.numpy()))

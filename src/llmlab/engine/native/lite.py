@@ -4,8 +4,8 @@ projections the native kernel reads as they are (Q4_0, Q4_1, Q8_0).
 The weights and the KV cache are numpy arrays in decode.cpp's layout, and every step and every sample is decode.cpp's
 (llmlab_step, llmlab_sample), called as llmlab.load's native path calls them: the same prompt chunks, the same
 greedy tokens, and for a seed the same samples (the uniforms come from the Mersenne Twister stream PyTorch's CPU
-generator draws for that seed). What it saves is PyTorch itself: `import torch` alone holds ~210 MiB and takes ~2 s,
-more than SmolLM2-135M's 4-bit weights. What it cannot honour (a repetition penalty, logprobs, constraints, RoPE
+generator draws for that seed). What it saves is PyTorch itself: `import torch` alone holds 220-240 MiB and takes
+~2 s, more than SmolLM2-135M's 4-bit weights. What it cannot honour (a repetition penalty, logprobs, constraints, RoPE
 scaling) it refuses, and the command takes the PyTorch path instead.
 """
 
@@ -29,9 +29,8 @@ from llmlab.engine.params import SamplingParams
 from llmlab.errors import LLMLabError
 
 CACHE_ROUNDING = 64  # KV cache lengths are rounded up to this (as the Engine's)
-SEEDS = 2 ** 32  # seeds PyTorch's generator and numpy's legacy MT19937 both take whole (others: the PyTorch path)
-ATTN = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo"}
-MLP = {"gate_proj": "wgate", "up_proj": "wup", "down_proj": "wdown"}
+SEEDS = 2 ** 32  # the seeds whose PyTorch stream MersenneUniforms reproduces (others: the PyTorch path)
+ATTN, MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")  # ModelDesc's order
 
 
 def unsupported(reader, cfg) -> str | None:
