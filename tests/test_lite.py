@@ -1,6 +1,7 @@
-"""The lite runner (llmlab.engine.native.lite): a quantized GGUF run with no PyTorch in the process gives the tokens
-llmlab.load's native path gives (greedy and seeded sampling, on SmolLM2 and on tiny exports with tied embeddings,
-biases and grouped-query attention), refuses what it cannot run, and `llmlab generate` takes it by default."""
+"""The lite runner (llmlab.engine.native.lite): a quantized GGUF or checkpoint run with no PyTorch in the process gives
+the tokens llmlab.load's native path gives (greedy and seeded sampling, on SmolLM2 and on tiny exports and quantized
+checkpoints with tied embeddings, biases and grouped-query attention), refuses what it cannot run, and `llmlab
+generate` and `llmlab chat` take it by default."""
 
 import json
 import os
@@ -74,16 +75,40 @@ def tiny_tied(tiny_tok, tmp_path_factory):
 @pytest.mark.parametrize("which", ["plain", "tied"])
 def test_tiny_exports_match_the_native_path(which, kind, tiny_ckpt, tiny_tied, tmp_path):
     gguf = export_checkpoint(tiny_ckpt if which == "plain" else tiny_tied, tmp_path / f"{kind}.gguf", kind)
-    lite, packed = LiteModel(gguf), llmlab.load(str(gguf), announce=False)
+    assert_same_completions(gguf)
+
+
+def assert_same_completions(path):
+    """The lite runner and llmlab.load's native path complete a prompt alike, greedy and sampled."""
+    lite, packed = LiteModel(path), llmlab.load(str(path), announce=False)
     for options in OPTIONS:
         ids = lite.tokenizer.prompt_ids("Hello there")
         mine = "".join(lite.stream(ids, lite.params(max_new_tokens=24, ignore_eos=True, **options)))
         assert mine == "".join(packed.stream("Hello there", max_new_tokens=24, ignore_eos=True, **options))
 
 
+def test_quantized_checkpoints_run_as_the_gguf_they_came_from(smollm2_gguf, native, tmp_path):
+    saved = native.save_quantized(tmp_path / "smollm2-q")  # the file's own blocks, in an HF-layout directory
+    from_dir, from_file = LiteModel(saved), LiteModel(smollm2_gguf)
+    assert from_dir.weights == "the checkpoint's packed weights (exact)"
+    for prompt in PROMPTS[:2]:
+        for options in OPTIONS[:2]:
+            texts = ["".join(m.stream(m.tokenizer.prompt_ids(prompt), m.params(max_new_tokens=24, **options)))
+                     for m in (from_dir, from_file)]
+            assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("which", ["plain", "tied"])
+def test_tiny_quantized_checkpoints_match_the_native_path(which, tiny_ckpt, tiny_tied, tmp_path):
+    assert_same_completions(llmlab.load(str(tiny_ckpt if which == "plain" else tiny_tied), announce=False)
+                            .save_quantized(tmp_path / "q"))
+
+
 def test_what_it_cannot_run_or_honour_is_refused(tiny_ckpt, smollm2_gguf, tmp_path):
     with pytest.raises(LLMLabError, match="F16"):
         LiteModel(export_checkpoint(tiny_ckpt, tmp_path / "f16.gguf", "f16"))
+    with pytest.raises(LLMLabError, match="not dense ones"):
+        LiteModel(tiny_ckpt)
     lite = LiteModel(smollm2_gguf)
     ids = lite.tokenizer.prompt_ids("Hi")
     for options, what in (({"repetition_penalty": 1.2}, "repetition penalty"), ({"logprobs": True}, "logprobs"),

@@ -106,11 +106,11 @@ def cmd_generate(args) -> int:
 
 
 def lite_client(args):
-    """The default path of `llmlab generate` and `llmlab chat` on a GGUF the native kernel reads as it is: the same
-    kernel, the same tokens, in a process that never imports PyTorch (llmlab.engine.native.lite: ~210 MiB and ~2 s
-    less). None when an option needs the PyTorch path (an endpoint, --exact/--int4/--compile/--dtype, context options,
-    a repetition penalty, a seed it cannot take), the model is not such a file, or $LLMLAB_LITE=0: then the PyTorch
-    path runs."""
+    """The default path of `llmlab generate` and `llmlab chat` on a GGUF the native kernel reads as it is or an llmlab
+    quantized checkpoint: the same kernel, the same tokens, in a process that never imports PyTorch
+    (llmlab.engine.native.lite: ~230 MiB and ~2 s less). None when an option needs the PyTorch path (an endpoint,
+    --exact/--int4/--compile/--dtype, context options, a repetition penalty, a seed it cannot take), the model is not
+    such a file, or $LLMLAB_LITE=0: then the PyTorch path runs."""
     from llmlab.checkpoint.registry import resolve
     from llmlab.client.lite import LiteClient
     from llmlab.engine.native.lite import SEEDS, LiteModel
@@ -120,8 +120,6 @@ def lite_client(args):
     if needs_torch:
         return None
     path = resolve(args.model or "smollm2")
-    if path.suffix != ".gguf":
-        return None
     try:
         model = LiteModel(path)
     except LLMLabError:  # not a file it runs (dense weights, RoPE scaling...): the PyTorch path says what it does
@@ -146,6 +144,9 @@ def speculative_generate(args, prompt: str) -> int:
 
 
 CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), Ctrl-D to quit"
+LITE_NOTE = ("On a GGUF stored in Q4_0/Q4_1/Q8_0 (such as smollm2) or an llmlab quantized checkpoint, with no option "
+             "that needs PyTorch, the native kernel runs in a process that never imports PyTorch (the same tokens; "
+             "LLMLAB_LITE=0: the PyTorch path).")
 
 
 def cmd_chat(args) -> int:
@@ -243,7 +244,7 @@ def cmd_info(args) -> int:
 
 def add_commands(sub):
     from llmlab.cli.marks import add_watermark_args
-    p = sub.add_parser("generate", help="complete one prompt, streamed to stdout")
+    p = sub.add_parser("generate", help="complete one prompt, streamed to stdout", description=LITE_NOTE)
     p.add_argument("prompt", help="the prompt ('-' reads stdin); wrapped in the chat template unless --raw")
     p.add_argument("--raw", action="store_true", help="send the text as is, without the chat template")
     p.add_argument("--beam", type=int, default=1, help="beam search with this many beams")
@@ -256,7 +257,7 @@ def add_commands(sub):
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="talk to a model (reads a conversation from stdin when piped)",
-                       description=CHAT_HELP)
+                       description=f"{CHAT_HELP}. {LITE_NOTE}")
     p.add_argument("--system", default=None, help="system prompt")
     add_client_args(p)
     add_sampling_args(p)

@@ -1,12 +1,19 @@
-"""decode.cpp's weight layout in numpy: GGUF's Q4_0/Q4_1/Q8_0 blocks split into (q, d, m), and the kernel's tiles
-of 16 output rows. No PyTorch: the lite runner packs a GGUF with it, and decoder.Packed wraps it for tensors."""
+"""decode.cpp's weight layout in numpy: GGUF's Q4_0/Q4_1/Q8_0 blocks split into (q, d, m), the kernel's tiles of 16
+output rows, and the quantization_config that marks a checkpoint saved in (q, d, m) (packed.py). No PyTorch: the lite
+runner packs a model with it, and decoder.Packed wraps it for tensors."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+
+from llmlab.errors import LLMLabError
 
 TILE = 16  # output rows per tile of the kernel's layout (decode.cpp)
 EXACT_TYPES = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # GGUF block types the kernel reads as they are: type -> bits
+QUANT_METHOD = "llmlab"  # config.json's quantization_config of a checkpoint saved packed (packed.py's format)
 
 
 def split_blocks(kind: str, raw: np.ndarray, out_features: int, in_features: int):
@@ -47,3 +54,17 @@ def from_tiles(q: np.ndarray, d: np.ndarray, m: np.ndarray, out: int):
     q = q.transpose(0, 3, 1, 2, 4).reshape(tiles * TILE, -1)[:out]
     d, m = (t.transpose(0, 2, 1).reshape(tiles * TILE, groups)[:out] for t in (d, m))
     return np.ascontiguousarray(q), np.ascontiguousarray(d), np.ascontiguousarray(m)
+
+
+def quantization_config(path: str | Path) -> dict | None:
+    """The llmlab quantization_config of a checkpoint directory, or None for a dense one."""
+    config = Path(path) / "config.json"
+    if not (Path(path).is_dir() and config.is_file()):
+        return None
+    qc = json.loads(config.read_text()).get("quantization_config")
+    if qc is None:
+        return None
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise LLMLabError(f"{path}: quantization {qc.get('quant_method')!r} is not supported (llmlab reads its own "
+                          f"{QUANT_METHOD!r} checkpoints)")
+    return qc

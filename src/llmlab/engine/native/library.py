@@ -132,8 +132,8 @@ def threads() -> int:
     if fixed:
         return max(1, int(fixed))
     torch = sys.modules.get("torch")  # (never imported here: the lite runner's process has no PyTorch)
-    n = torch.get_num_threads() if torch is not None else int(os.environ.get("OMP_NUM_THREADS") or 0) or len(
-        os.sched_getaffinity(0))  # (what PyTorch would take: OMP_NUM_THREADS, else the cores)
+    n = torch.get_num_threads() if torch is not None else int(os.environ.get("OMP_NUM_THREADS") or 0) or (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else CPUS)  # (OMP_NUM_THREADS, else the cores)
     return 1 if n > 1 and os.getloadavg()[0] > CPUS + 1 else n
 
 

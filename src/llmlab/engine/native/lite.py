@@ -1,5 +1,6 @@
-"""A quantized GGUF run with no PyTorch in the process: `llmlab generate`'s default path for a llama GGUF whose
-projections the native kernel reads as they are (Q4_0, Q4_1, Q8_0).
+"""A quantized model run with no PyTorch in the process: `llmlab generate`'s and `llmlab chat`'s default path for a
+llama GGUF whose projections the native kernel reads as they are (Q4_0, Q4_1, Q8_0), or a checkpoint directory saved
+packed (LLM.save_quantized).
 
 The weights and the KV cache are numpy arrays in decode.cpp's layout, and every step and every sample is decode.cpp's
 (llmlab_step, llmlab_sample), called as llmlab.load's native path calls them: the same prompt chunks, the same
@@ -22,31 +23,83 @@ from llmlab.checkpoint.gguf_meta import dequantize_array, open_gguf, read_config
 from llmlab.checkpoint.gguf_meta import unpermute_rope
 from llmlab.checkpoint.registry import generation_defaults
 from llmlab.engine.detokenize import IncrementalText
-from llmlab.engine.native.layout import EXACT_TYPES, split_blocks, to_tiles
+from llmlab.engine.native.layout import EXACT_TYPES, quantization_config, split_blocks, to_tiles
 from llmlab.engine.native.library import (PROMPT_KINDS, ModelDesc, QMat, half_kv_cache, load_library, prefill_calls,
                                           return_freed_memory, simd, threads, unsupported_config)
 from llmlab.engine.params import SamplingParams
 from llmlab.errors import LLMLabError
+from llmlab.model.config import ModelConfig
+from llmlab.tokenizer import Tokenizer
 
 CACHE_ROUNDING = 64  # KV cache lengths are rounded up to this (as the Engine's)
 SEEDS = 2 ** 32  # the seeds whose PyTorch stream MersenneUniforms reproduces (others: the PyTorch path)
 ATTN, MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")  # ModelDesc's order
 
 
-def unsupported(reader, cfg) -> str | None:
-    """Why the lite runner cannot run this GGUF (None when it can)."""
-    reason = unsupported_config(cfg)
-    if reason:
-        return reason
+def unsupported(cfg) -> str | None:
+    """Why the lite runner cannot run a model of this config (None when it can)."""
     if cfg.rope_scaling:
-        return "the lite runner computes plain RoPE frequencies (this file declares a scaling)"
+        return "the lite runner computes plain RoPE frequencies (this model declares a scaling)"
+    return unsupported_config(cfg)
+
+
+def read_gguf(path: Path):
+    """(config, tokenizer, packed tiles by module name, dense arrays by parameter name, what the weights are) of a
+    llama GGUF whose projections and head are Q4_0/Q4_1/Q8_0 blocks, split and tiled one tensor at a time."""
+    reader = open_gguf(path, lean=True)
+    cfg = read_config(reader, path)
     head = "output.weight" if not cfg.tie_embeddings else "token_embd.weight"
     for t in reader.tensors:
-        projection = t.name.endswith(("_q.weight", "_k.weight", "_v.weight", "_output.weight", "_gate.weight",
-                                      "_up.weight", "_down.weight")) and t.name.startswith("blk.")
+        projection = t.name.startswith("blk.") and t.name.endswith((
+            "_q.weight", "_k.weight", "_v.weight", "_output.weight", "_gate.weight", "_up.weight", "_down.weight"))
         if (projection or t.name == head) and t.tensor_type.name not in EXACT_TYPES:
-            return f"{t.name} is {t.tensor_type.name}; the lite runner reads {'/'.join(EXACT_TYPES)} weights as they are"
-    return None
+            raise LLMLabError(f"{path}: {t.name} is {t.tensor_type.name}; the lite runner reads "
+                              f"{'/'.join(EXACT_TYPES)} weights as they are")
+    reason = unsupported(cfg)
+    if reason:
+        raise LLMLabError(f"{path}: {reason}")
+    tokenizer = tokenizer_from_gguf(reader)
+    reader.fields.clear()  # its 100k vocabulary strings, built into the tokenizer: 14 MiB, freed before the weights
+    packed, dense, kinds = {}, {}, set()
+    for tensor in reader.tensors:
+        key, name = tensor_names(tensor, path)
+        rope_rows = (cfg.n_heads if ".attn_q." in key else cfg.n_kv_heads) if key.startswith(
+            ("blk.{}.attn_q.", "blk.{}.attn_k.")) else 0
+        kind = tensor.tensor_type.name
+        if kind in EXACT_TYPES:
+            out_features, in_features = (int(n) for n in reversed(tensor.shape))
+            groups = split_blocks(kind, tensor.data, out_features, in_features)
+            if rope_rows:  # undo llama.cpp's Q/K row permutation, as the PyTorch import does
+                groups = [unpermute_rope(t, rope_rows) for t in groups]
+            packed[name.removesuffix(".weight")] = (*to_tiles(*groups), out_features, in_features, EXACT_TYPES[kind])
+            kinds.add(kind)
+        else:
+            w = dequantize_array(tensor)
+            dense[name] = np.ascontiguousarray(unpermute_rope(w, rope_rows) if rope_rows else w)
+    return cfg, tokenizer, packed, dense, f"the file's own {'/'.join(sorted(kinds))} weights (exact)"
+
+
+def read_quantized(path: Path):
+    """read_gguf's five for a checkpoint directory saved packed (LLM.save_quantized, llmlab.engine.native.packed)."""
+    from safetensors.numpy import load_file
+
+    if quantization_config(path) is None:
+        raise LLMLabError(f"{path}: the lite runner reads GGUF files and llmlab's quantized checkpoints, not dense ones")
+    cfg = ModelConfig.load(path)
+    reason = unsupported(cfg)
+    if reason:
+        raise LLMLabError(f"{path}: {reason}")
+    tensors = {}
+    for file in sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("adapter_")):
+        tensors.update(load_file(file))
+    packed = {}
+    for key in [k for k in tensors if k.endswith(".qweight")]:
+        module = key.removesuffix(".qweight")
+        q, d, m = tensors.pop(key), tensors.pop(f"{module}.scales"), tensors.pop(f"{module}.mins")
+        in_features = d.shape[1] * 32
+        packed[module] = (*to_tiles(q, d, m), q.shape[0], in_features, 4 if q.shape[1] * 2 == in_features else 8)
+    dense = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+    return cfg, Tokenizer.from_dir(path), packed, dense, "the checkpoint's packed weights (exact)"
 
 
 class MersenneUniforms:
@@ -69,41 +122,19 @@ class MersenneUniforms:
 
 
 class LiteModel:
-    """A GGUF's weights packed for decode.cpp, its tokenizer, and a batch-1 KV cache: the whole model, in numpy."""
+    """A model's weights packed for decode.cpp, its tokenizer, and a batch-1 KV cache: the whole model, in numpy."""
 
     def __init__(self, path: str | Path):
-        self.lib = load_library()
+        self.path = Path(path)
+        cfg, self.tokenizer, packed, dense, self.weights = (
+            read_quantized if self.path.is_dir() else read_gguf)(self.path)
+        self.lib = load_library()  # (after reading: a model it cannot run never builds the kernel)
         if self.lib is None:
             raise LLMLabError("the native decode kernel could not be built (see the line above)")
-        self.path = Path(path)
-        reader = open_gguf(path, lean=True)
-        cfg = self.config = read_config(reader, path)
-        reason = unsupported(reader, cfg)
-        if reason:
-            raise LLMLabError(f"{path}: {reason}")
-        self.tokenizer = tokenizer_from_gguf(reader)
-        reader.fields.clear()  # its 100k vocabulary strings, built into the tokenizer: 14 MiB, freed before the weights
+        self.config = cfg
         self.sampling_defaults = generation_defaults(self.path)
         self.context_len, self.vocab = cfg.max_seq_len, cfg.vocab_size
         self.keep = []  # every array the C++ side points into
-        packed, dense, kinds = {}, {}, set()
-        for tensor in reader.tensors:
-            key, name = tensor_names(tensor, path)
-            rope_rows = (cfg.n_heads if ".attn_q." in key else cfg.n_kv_heads) if key.startswith(
-                ("blk.{}.attn_q.", "blk.{}.attn_k.")) else 0
-            kind = tensor.tensor_type.name
-            if kind in EXACT_TYPES:
-                out_features, in_features = (int(n) for n in reversed(tensor.shape))
-                groups = split_blocks(kind, tensor.data, out_features, in_features)
-                if rope_rows:  # undo llama.cpp's Q/K row permutation, as the PyTorch import does
-                    groups = [unpermute_rope(t, rope_rows) for t in groups]
-                packed[name.removesuffix(".weight")] = (*to_tiles(*groups), out_features, in_features,
-                                                        EXACT_TYPES[kind])
-                kinds.add(kind)
-            else:
-                w = dequantize_array(tensor)
-                dense[name] = np.ascontiguousarray(unpermute_rope(w, rope_rows) if rope_rows else w)
-        self.weights = f"the file's own {'/'.join(sorted(kinds))} weights (exact)"
         self.desc = self._describe(cfg, packed, dense)
         self.half = int(half_kv_cache())
         self.cache_len, self.finish_reason, self.sampled = 0, None, 0

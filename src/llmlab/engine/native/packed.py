@@ -17,7 +17,6 @@ Norms (and an untied embedding) stay as ordinary fp32 tensors; a tied embedding 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -26,14 +25,14 @@ from llmlab.checkpoint.gguf import LAYER, dequantize, open_gguf, read_config, te
 from llmlab.checkpoint.gguf import tokenizer_from_gguf
 from llmlab.checkpoint.hf import build_model, parse_dtype, read_safetensors, safetensors_files, write_checkpoint_dir
 from llmlab.engine.native.decoder import NativeEmbedding, NativeLinear, Packed
-from llmlab.engine.native.layout import EXACT_TYPES, split_blocks
+from llmlab.engine.native.layout import (  # noqa: F401 (quantization_config: imported from here too)
+    EXACT_TYPES, QUANT_METHOD, quantization_config, split_blocks)
 from llmlab.engine.native.library import unsupported_config
 from llmlab.errors import LLMLabError
 from llmlab.model.config import ModelConfig
 from llmlab.model.quant import pack_groups, unpack_groups
 from llmlab.model.transformer import Transformer, rope_inv_freq
 
-QUANT_METHOD = "llmlab"
 DENSE_TYPES = {"F32", "F16", "BF16"}
 
 
@@ -106,20 +105,6 @@ def load_gguf_packed(path: str | Path):
 
 
 # ---- quantized HF checkpoints ---------------------------------------------------------------------------------
-
-
-def quantization_config(path: str | Path) -> dict | None:
-    """The llmlab quantization_config of a checkpoint directory, or None for a dense one."""
-    config = Path(path) / "config.json"
-    if not (Path(path).is_dir() and config.is_file()):
-        return None
-    qc = json.loads(config.read_text()).get("quantization_config")
-    if qc is None:
-        return None
-    if qc.get("quant_method") != QUANT_METHOD:
-        raise LLMLabError(f"{path}: quantization {qc.get('quant_method')!r} is not supported (llmlab reads its own "
-                          f"{QUANT_METHOD!r} checkpoints)")
-    return qc
 
 
 def save_quantized(model, path: str | Path, tokenizer=None, generation_config: dict | None = None) -> Path:
