@@ -1,5 +1,6 @@
 """The model client's generation calls (stream, generate) over the lite runner (llmlab.engine.native.lite): what
-`llmlab generate` and `llmlab chat` ask of a model, in a process without PyTorch. Scoring needs LocalClient."""
+`llmlab generate` and `llmlab chat` ask of a model, in a process without PyTorch. Scoring needs LocalClient.
+A chat's earlier turns stay in the runner's KV cache: each turn prefills only what is new (LiteModel.tokens' reuse)."""
 
 from __future__ import annotations
 
@@ -29,12 +30,12 @@ class LiteClient:
                                  **params.sampling_options())
 
     def stream(self, prompt, params: GenParams, chat: bool = True) -> Iterator[str]:
-        return self.model.stream(self.tokenizer.prompt_ids(prompt, raw=not chat), self._sampling(params))
+        return self.model.stream(self.tokenizer.prompt_ids(prompt, raw=not chat), self._sampling(params), reuse=True)
 
     def generate(self, prompts: list, params: GenParams, chat: bool = True) -> list[Generation]:
         out = []
         for prompt in prompts:
             ids = self.tokenizer.prompt_ids(prompt, raw=not chat)
-            text = "".join(self.model.stream(ids, self._sampling(params)))
+            text = "".join(self.model.stream(ids, self._sampling(params), reuse=True))
             out.append(Generation(text, self.model.finish_reason, len(ids), self.model.sampled))
         return out

@@ -32,6 +32,7 @@ from llmlab.model.config import ModelConfig
 from llmlab.tokenizer import Tokenizer
 
 CACHE_ROUNDING = 64  # KV cache lengths are rounded up to this (as the Engine's)
+REUSE_MIN_TOKENS = 64  # a shorter shared prefix is prefilled again (one call: a prompt's last 64 tokens are one anyway)
 SEEDS = 2 ** 32  # the seeds whose PyTorch stream MersenneUniforms reproduces (others: the PyTorch path)
 ATTN, MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")  # ModelDesc's order
 
@@ -137,7 +138,8 @@ class LiteModel:
         self.keep = []  # every array the C++ side points into
         self.desc = self._describe(cfg, packed, dense)
         self.half = int(half_kv_cache())
-        self.cache_len, self.finish_reason, self.sampled = 0, None, 0
+        self.cache_len, self.finish_reason, self.sampled, self.prefilled = 0, None, 0, 0
+        self.held: list[int] = []  # the tokens whose keys and values the cache holds, position by position
         return_freed_memory()  # the file's blocks and the tokenizer's build, freed between the weights kept
 
     def _qmats(self, packed, dense, names) -> ctypes.POINTER(QMat):
@@ -187,18 +189,22 @@ class LiteModel:
 
     # ---- the model calls -----------------------------------------------------------------------------------
 
-    def new_cache(self, length: int) -> None:
-        """A batch-1 KV cache of at least `length` slots (rounded up, as the Engine's): (1, kv_heads, slots, head_dim)
-        per layer."""
+    def new_cache(self, length: int, keep: int = 0) -> None:
+        """A batch-1 KV cache of at least `length` slots (rounded up, as the Engine's) holding the first `keep`
+        positions of the one before: (1, kv_heads, slots, head_dim) per layer."""
         length = min(self.context_len, -(-length // CACHE_ROUNDING) * CACHE_ROUNDING)
-        if length == self.cache_len:  # reused as it is: a step writes each position before any query reads it
+        if length <= self.cache_len:  # reused as it is: a step writes each position before any query reads it
             return
-        self.k = self.v = None  # the old cache goes before the new one is made (never two alive)
+        old = (self.k + self.v) if keep else []
+        self.k = self.v = None  # with nothing to keep, the old cache goes before the new one is made
         cfg = self.config
         shape = (1, cfg.n_kv_heads, length, cfg.head_dim)
         dtype = np.float16 if self.half else np.float32
         self.k = [np.zeros(shape, dtype) for _ in range(cfg.n_layers)]
         self.v = [np.zeros(shape, dtype) for _ in range(cfg.n_layers)]
+        for new, before in zip(self.k + self.v, old):
+            new[:, :, :keep] = before[:, :, :keep]
+        self.held = self.held[:keep]
         strides = (ctypes.c_int64 * 3)(*[s // self.k[0].itemsize for s in self.k[0].strides[:3]])
         self.cache_args = ((ctypes.c_void_p * cfg.n_layers)(*[a.ctypes.data for a in self.k]),
                            (ctypes.c_void_p * cfg.n_layers)(*[a.ctypes.data for a in self.v]), strides, strides)
@@ -219,11 +225,21 @@ class LiteModel:
                              self.half, None)
         return logits
 
-    def prefill(self, ids: list[int]):
-        """A prompt into the cache, in the calls NativeDecoder.prefill makes; the logits after its last token (1, V)."""
+    def prefill(self, ids: list[int], start: int = 0):
+        """A prompt's tokens into the cache from position `start` (the ones before it held already), in the calls
+        NativeDecoder.prefill makes; the logits after its last token (1, V)."""
+        self.held = self.held[:start]
         for s, e, kind in prefill_calls(len(ids)):
-            logits = self.step(ids[s:e], list(range(s, e)), int(kind == "last"), kind)
+            logits = self.step(ids[s:e], list(range(start + s, start + e)), int(kind == "last"), kind)
+        self.held += ids
         return logits
+
+    def reusable(self, ids: list[int]) -> int:
+        """How many of ids' first tokens the cache holds already (0 below REUSE_MIN_TOKENS); never the last one,
+        whose logits must be computed."""
+        same = next((i for i, (a, b) in enumerate(zip(self.held, ids)) if a != b), min(len(self.held), len(ids)))
+        same = min(same, len(ids) - 1)
+        return same if same >= REUSE_MIN_TOKENS else 0
 
     def choose(self, logits, params: SamplingParams, uniforms: MersenneUniforms) -> int:
         if params.temperature == 0:
@@ -240,8 +256,13 @@ class LiteModel:
         """SamplingParams from options over the file's sampling defaults (as LLM.params)."""
         return SamplingParams(**{**self.sampling_defaults, **{k: v for k, v in options.items() if v is not None}})
 
-    def tokens(self, ids: list[int], params: SamplingParams) -> Iterator[int]:
-        """The sampled token ids, until a stop token (not yielded) or the limit: Engine.generate's tokens."""
+    def tokens(self, ids: list[int], params: SamplingParams, reuse: bool = False) -> Iterator[int]:
+        """The sampled token ids, until a stop token (not yielded) or the limit: Engine.generate's tokens.
+
+        reuse: start from the keys and values the cache holds for the prefix ids share with the last call's prompt
+        and tokens (a chat's earlier turns, as llama.cpp's chat keeps them). Those rows were computed as decode steps
+        or in other chunks, so the logits differ from a whole prefill's by float rounding, as with the server's
+        prefix cache; without it the tokens are exactly llmlab.load's."""
         params.validate(self.context_len)
         refused = [what for what, on in (("a repetition penalty", params.repetition_penalty != 1.0),
                                          ("logprobs", params.logprobs), ("logits processors", params.logits_processors),
@@ -258,9 +279,11 @@ class LiteModel:
         stop_ids = frozenset() if params.ignore_eos else frozenset(
             self.tokenizer.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids)
         uniforms = MersenneUniforms(params.seed)
-        self.new_cache(end)
+        start = self.reusable(ids) if reuse else 0
+        self.new_cache(end, keep=start)
         self.finish_reason, self.sampled = "length", 0  # how the last completion ended, tokens sampled (a stop's too)
-        logits = self.prefill(ids)
+        logits = self.prefill(ids[start:], start)
+        self.prefilled = len(ids) - start
         for pos in range(len(ids), end):
             token = self.choose(logits, params, uniforms)
             self.sampled += 1
@@ -270,11 +293,12 @@ class LiteModel:
             yield token
             if pos + 1 < end:
                 logits = self.step([token], [pos])
+                self.held.append(token)
 
-    def stream(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
-        """Text of one completion piece by piece, cut before a stop string: Engine.stream's pieces."""
+    def stream(self, ids: list[int], params: SamplingParams, reuse: bool = False) -> Iterator[str]:
+        """Text of one completion piece by piece, cut before a stop string: Engine.stream's pieces (reuse: tokens')."""
         text = IncrementalText(self.tokenizer, [params.stop] if isinstance(params.stop, str) else list(params.stop))
-        for token in self.tokens(ids, params):
+        for token in self.tokens(ids, params, reuse):
             text.add(token)
             if text.stopped:
                 self.finish_reason = "stop"
