@@ -39,7 +39,9 @@ def fp32_decode():
     from llmlab.engine.native import load_library
 
     lib = load_library()
-    was = (lib.llmlab_int8(0), lib.llmlab_bf16(0)) if lib is not None else None
+    was = (lib.llmlab_int8(-1), lib.llmlab_bf16(-1)) if lib is not None else None  # (-1 reads the state)
+    if lib is not None:
+        lib.llmlab_int8(0), lib.llmlab_bf16(0)
     kv16 = os.environ.get("LLMLAB_NATIVE_KV16")
     os.environ["LLMLAB_NATIVE_KV16"] = "0"
     yield

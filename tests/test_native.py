@@ -32,7 +32,8 @@ def fp32_activations():
     bf16_kernel): most tests here compare the native step with PyTorch at fp32 rounding; the int8 and bf16 kernels
     are compared with their own simulations and the exact model."""
     lib = load_library()
-    was = lib.llmlab_int8(0), lib.llmlab_bf16(0)
+    was = lib.llmlab_int8(-1), lib.llmlab_bf16(-1)  # (-1 reads; a setter returns the value it set, not the old one)
+    lib.llmlab_int8(0), lib.llmlab_bf16(0)
     yield
     lib.llmlab_int8(was[0]), lib.llmlab_bf16(was[1])
 
