@@ -131,6 +131,10 @@ def test_what_it_cannot_run_or_honour_is_refused(tiny_ckpt, smollm2_gguf, tmp_pa
         LiteModel(export_checkpoint(tiny_ckpt, tmp_path / "f16.gguf", "f16"))
     with pytest.raises(LLMLabError, match="not dense ones"):
         LiteModel(tiny_ckpt)
+    saved = llmlab.load(str(tiny_ckpt), announce=False).save_quantized(tmp_path / "q")
+    (saved / "model.safetensors").write_bytes(b"\x10" * 100)  # a damaged copy: one error line, no traceback
+    with pytest.raises(LLMLabError, match="not a valid safetensors file"):
+        LiteModel(saved)
     lite = LiteModel(smollm2_gguf)
     ids = lite.tokenizer.prompt_ids("Hi")
     for options, what in (({"repetition_penalty": 1.2}, "repetition penalty"), ({"logprobs": True}, "logprobs"),
@@ -156,6 +160,13 @@ def test_llmlab_generate_takes_the_lite_path_by_default(smollm2_gguf, native):
                               capture_output=True, text=True, timeout=300, env={**os.environ, **env})
         assert done.returncode == 0, done.stderr[-2000:]
         assert "without PyTorch" not in done.stderr and "prompts prefill through it too" in done.stderr
+
+
+def test_a_bad_llmlab_lite_setting_is_one_error_line(smollm2_gguf):
+    done = subprocess.run([sys.executable, "-m", "llmlab.cli", "generate", "hi", "-n", "2"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "LLMLAB_LITE": "yes"})
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "llmlab: error: LLMLAB_LITE must be 0 (the PyTorch path) or 1, got 'yes'"]
 
 
 def test_llmlab_chat_answers_as_the_pytorch_path_does(smollm2_gguf):

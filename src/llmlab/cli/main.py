@@ -114,6 +114,8 @@ def lite_client(args):
     from llmlab.checkpoint.registry import resolve
     from llmlab.client.lite import LiteClient
     from llmlab.engine.native.lite import SEEDS, LiteModel
+    if os.environ.get("LLMLAB_LITE", "1") not in ("0", "1"):
+        raise LLMLabError(f"LLMLAB_LITE must be 0 (the PyTorch path) or 1, got {os.environ['LLMLAB_LITE']!r}")
     needs_torch = (args.endpoint or args.exact or args.int4 or args.compile or args.dtype not in (None, "float32")
                    or args.rope_scaling or args.self_extend or args.repetition_penalty not in (None, 1.0)
                    or (args.seed is not None and not 0 <= args.seed < SEEDS) or os.environ.get("LLMLAB_LITE") == "0")

@@ -82,6 +82,7 @@ def read_gguf(path: Path):
 
 def read_quantized(path: Path):
     """read_gguf's five for a checkpoint directory saved packed (LLM.save_quantized, llmlab.engine.native.packed)."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     if quantization_config(path) is None:
@@ -92,10 +93,16 @@ def read_quantized(path: Path):
         raise LLMLabError(f"{path}: {reason}")
     tensors = {}
     for file in sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("adapter_")):
-        tensors.update(load_file(file))
+        try:
+            tensors.update(load_file(file))
+        except (SafetensorError, OSError, ValueError) as e:  # (as llmlab.checkpoint.hf.read_safetensors says it)
+            raise LLMLabError(f"{file} is not a valid safetensors file (truncated or corrupt?): {e}") from None
     packed = {}
     for key in [k for k in tensors if k.endswith(".qweight")]:
         module = key.removesuffix(".qweight")
+        missing = [f"{module}.{part}" for part in ("scales", "mins") if f"{module}.{part}" not in tensors]
+        if missing:
+            raise LLMLabError(f"{path}: {key} has no {missing[0]}")
         q, d, m = tensors.pop(key), tensors.pop(f"{module}.scales"), tensors.pop(f"{module}.mins")
         in_features = d.shape[1] * 32
         packed[module] = (*to_tiles(q, d, m), q.shape[0], in_features, 4 if q.shape[1] * 2 == in_features else 8)
