@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from llmlab.checkpoint.gguf_meta import (  # noqa: F401 (re-exported: the names GGUF import is known by)
-    LAYER, LLAMA3_SPLIT, QWEN2_SPLIT, TENSOR_NAMES, _bytes_to_unicode, dequantize_array, field_value, open_gguf,
+    LAYER, LLAMA3_SPLIT, QWEN2_SPLIT, TENSOR_NAMES, _bytes_to_unicode, dequantize_array, field_value, hf_row_order,
+    open_gguf,
     read_config, tensor_names, tokenizer_from_gguf, unpermute_rope)
 from llmlab.model.config import ModelConfig
 from llmlab.model.transformer import Transformer
@@ -35,10 +36,7 @@ def read_gguf(path: str | Path, reader=None) -> tuple[ModelConfig, dict[str, tor
         if tensor.name == "rope_freqs.weight":  # folded into cfg.rope_scaling
             continue
         key, name = tensor_names(tensor, path)
-        w = dequantize(tensor)
-        if key.startswith(("blk.{}.attn_q.", "blk.{}.attn_k.")):
-            w = unpermute_rope(w, cfg.n_heads if ".attn_q." in key else cfg.n_kv_heads)
-        state_dict[name] = w
+        state_dict[name] = hf_row_order(key, cfg, dequantize(tensor))
     return cfg, state_dict, tokenizer_from_gguf(reader)
 
 

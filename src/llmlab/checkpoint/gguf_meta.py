@@ -136,6 +136,14 @@ def unpermute_rope(w, n_heads: int):
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def hf_row_order(key: str, cfg: ModelConfig, w):
+    """w, an array of the tensor `key` (tensor_names' first: "blk.{}.attn_q.weight", ...), in HF's row order: the
+    rows of q and k weights and biases unpermuted (unpermute_rope), any other tensor's as they are."""
+    if not key.startswith(("blk.{}.attn_q.", "blk.{}.attn_k.")):
+        return w
+    return unpermute_rope(w, cfg.n_heads if ".attn_q." in key else cfg.n_kv_heads)
+
+
 def dequantize_array(tensor) -> np.ndarray:
     """One GGUF tensor as a writable float32 array in PyTorch's (out, in) orientation."""
     from gguf.quants import dequantize as gguf_dequantize

@@ -19,8 +19,8 @@ from typing import Iterator
 
 import numpy as np
 
-from llmlab.checkpoint.gguf_meta import dequantize_array, open_gguf, read_config, tensor_names, tokenizer_from_gguf
-from llmlab.checkpoint.gguf_meta import unpermute_rope
+from llmlab.checkpoint.gguf_meta import (dequantize_array, hf_row_order, open_gguf, read_config, tensor_names,
+                                         tokenizer_from_gguf)
 from llmlab.checkpoint.registry import generation_defaults
 from llmlab.engine.detokenize import IncrementalText
 from llmlab.engine.native.layout import EXACT_TYPES, quantization_config, split_blocks, to_tiles
@@ -64,19 +64,14 @@ def read_gguf(path: Path):
     packed, dense, kinds = {}, {}, set()
     for tensor in reader.tensors:
         key, name = tensor_names(tensor, path)
-        rope_rows = (cfg.n_heads if ".attn_q." in key else cfg.n_kv_heads) if key.startswith(
-            ("blk.{}.attn_q.", "blk.{}.attn_k.")) else 0
         kind = tensor.tensor_type.name
         if kind in EXACT_TYPES:
             out_features, in_features = (int(n) for n in reversed(tensor.shape))
-            groups = split_blocks(kind, tensor.data, out_features, in_features)
-            if rope_rows:  # undo llama.cpp's Q/K row permutation, as the PyTorch import does
-                groups = [unpermute_rope(t, rope_rows) for t in groups]
+            groups = [hf_row_order(key, cfg, t) for t in split_blocks(kind, tensor.data, out_features, in_features)]
             packed[name.removesuffix(".weight")] = (*to_tiles(*groups), out_features, in_features, EXACT_TYPES[kind])
             kinds.add(kind)
         else:
-            w = dequantize_array(tensor)
-            dense[name] = np.ascontiguousarray(unpermute_rope(w, rope_rows) if rope_rows else w)
+            dense[name] = np.ascontiguousarray(hf_row_order(key, cfg, dequantize_array(tensor)))
     return cfg, tokenizer, packed, dense, f"the file's own {'/'.join(sorted(kinds))} weights (exact)"
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from llmlab.checkpoint.gguf import LAYER, dequantize, open_gguf, read_config, tensor_names, unpermute_rope
+from llmlab.checkpoint.gguf import LAYER, dequantize, hf_row_order, open_gguf, read_config, tensor_names
 from llmlab.checkpoint.gguf import tokenizer_from_gguf
 from llmlab.checkpoint.hf import build_model, parse_dtype, read_safetensors, safetensors_files, write_checkpoint_dir
 from llmlab.engine.native.decoder import NativeEmbedding, NativeLinear, Packed
@@ -82,18 +82,13 @@ def load_gguf_packed(path: str | Path):
         in_layer = key.startswith("blk.{}.")
         is_head = name in ("lm_head.weight", "model.embed_tokens.weight")
         if not (in_layer and name.endswith("_proj.weight")) and not (is_head and (cfg.tie_embeddings or name == "lm_head.weight")):
-            w = dequantize(tensor)
-            if key.startswith(("blk.{}.attn_q.", "blk.{}.attn_k.")):  # biases of q and k
-                w = unpermute_rope(w, cfg.n_heads if ".attn_q." in key else cfg.n_kv_heads)
-            dense[name] = w
+            dense[name] = hf_row_order(key, cfg, dequantize(tensor))  # (biases of q and k too)
             continue
         # projections keep 4 bits where converted from another 4-bit type, the head 8 (4 change predictions)
         groups, bits, was_exact = gguf_groups(tensor, 8 if is_head or not tensor.tensor_type.name.startswith(
             ("Q4", "IQ4")) else 4)
         exact &= was_exact
-        if key.startswith(("blk.{}.attn_q.", "blk.{}.attn_k.")):
-            heads = cfg.n_heads if ".attn_q." in key else cfg.n_kv_heads
-            groups = [unpermute_rope(t, heads) for t in groups]
+        groups = [hf_row_order(key, cfg, t) for t in groups]
         packed["lm_head" if is_head else name.removesuffix(".weight")] = Packed(*groups, None, bits)
     for name in [k for k in dense if k.endswith("_proj.bias")]:
         owner = packed[name.removesuffix(".bias")]
